@@ -1,0 +1,1085 @@
+//! The top-level state machine: the switch in front, smoltcp for the guest side of TCP,
+//! and our own NAT for UDP and ICMP echo.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use rand_chacha::rand_core::Rng as _;
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress, HardwareAddress, IpCidr};
+
+use crate::config::{Config, ConfigError};
+use crate::device::{
+    write_eth, FrameQueue, GuestDevice, Neighbors, BROADCAST_MAC, ETHERTYPE_ARP, ETHERTYPE_IPV4,
+    ETH_HDR,
+};
+use crate::dhcp::{DhcpServer, DhcpServerConfig};
+use crate::icmp::{PingFlow, PingKey};
+use crate::stats::{DropReason, Stats};
+use crate::tcp::{Phase, TcpFlow, TcpFlowInfo, TcpKey};
+use crate::udp::UdpFlow;
+use crate::wire::{self, IcmpEcho, Ipv4, TcpPorts, Udp};
+use crate::Rng;
+
+/// Names one flow (TCP connection, UDP NAT entry or ping session) in commands and events.
+/// Never reused within one [`Stack`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowId(pub u64);
+
+impl fmt::Display for FlowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Why a host connect failed. Every kind ends the same way for the guest (a RST); the
+/// kind is kept for counters and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectError {
+    Refused,
+    Unreachable,
+    TimedOut,
+    Other,
+}
+
+/// Work for the host side. Borrowed payloads are valid until the next `poll_command`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostCommand<'a> {
+    /// Open a TCP connection to `dst`; answer with [`Stack::tcp_connected`] or
+    /// [`Stack::tcp_connect_failed`].
+    TcpConnect { flow: FlowId, dst: SocketAddr },
+    /// The flow has bytes for the host ([`Stack::tcp_to_host`]) or room again for host
+    /// bytes ([`Stack::tcp_from_host`]): move what can be moved now.
+    TcpReady { flow: FlowId },
+    /// The guest finished sending and every byte was handed over: shut down the host
+    /// socket's write side (the other direction keeps flowing).
+    TcpShutdownWrite { flow: FlowId },
+    /// Both directions are finished: close the host socket and forget the flow.
+    TcpClose { flow: FlowId },
+    /// Reset the host connection (or cancel the connect) and forget the flow.
+    TcpAbort { flow: FlowId },
+    /// Send a datagram from this flow's host socket (open one on first use).
+    UdpSend { flow: FlowId, dst: SocketAddr, payload: &'a [u8] },
+    /// The NAT entry expired or was evicted: close its host socket.
+    UdpClose { flow: FlowId },
+    /// Send an ICMP echo request from this flow's ping socket (open one on first use).
+    PingSend { flow: FlowId, dst: IpAddr, seq: u16, payload: &'a [u8] },
+    /// The ping session expired: close its socket.
+    PingClose { flow: FlowId },
+}
+
+/// An owned command in the queue; payloads live in the command arena.
+#[derive(Debug)]
+enum Cmd {
+    TcpConnect(FlowId, SocketAddr),
+    TcpReady(FlowId),
+    TcpShutdownWrite(FlowId),
+    TcpClose(FlowId),
+    TcpAbort(FlowId),
+    UdpSend(FlowId, SocketAddr, std::ops::Range<usize>),
+    UdpClose(FlowId),
+    PingSend(FlowId, IpAddr, u16, std::ops::Range<usize>),
+    PingClose(FlowId),
+}
+
+/// The sans-IO network stack for one virtual switch.
+pub struct Stack {
+    config: Config,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    frames: FrameQueue,
+    neighbors: Neighbors,
+    stats: Stats,
+    dhcp: DhcpServer,
+    rng: Rng,
+    next_flow: u64,
+    ip_ident: u16,
+
+    tcp: BTreeMap<FlowId, TcpFlow>,
+    tcp_by_key: BTreeMap<TcpKey, FlowId>,
+    tcp_pending: usize,
+    /// Flows whose state may have changed since the last `poll`.
+    dirty: Vec<FlowId>,
+    all_dirty: bool,
+
+    udp: BTreeMap<FlowId, UdpFlow>,
+    udp_by_guest: BTreeMap<SocketAddrV4, FlowId>,
+    /// No UDP entry expires before this (a lower bound, refreshed when reached).
+    udp_next_expiry: Option<Instant>,
+
+    pings: BTreeMap<FlowId, PingFlow>,
+    ping_by_key: BTreeMap<PingKey, FlowId>,
+    ping_next_expiry: Option<Instant>,
+
+    commands: VecDeque<Cmd>,
+    arena: Vec<u8>,
+    scratch: Vec<u8>,
+    last_now: Instant,
+}
+
+/// Arena bytes kept across polls at most; a burst beyond is released.
+const ARENA_KEEP: usize = 1 << 20;
+
+impl Stack {
+    /// A stack for `config`. `rng` seeds everything random (TCP initial sequence numbers,
+    /// IP identifiers): the same seed, inputs and times give the same outputs.
+    pub fn new(config: Config, mut rng: Rng, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut frames = FrameQueue::default();
+        let neighbors = Neighbors::default();
+        let mut stats = Stats::default();
+        let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ip);
+        iface_cfg.random_seed = rng.next_u64();
+        let mut device = GuestDevice {
+            rx: None,
+            tx: &mut frames,
+            neighbors: &neighbors,
+            stats: &mut stats,
+            gateway_mac: config.gateway_mac,
+            mtu: usize::from(config.mtu),
+        };
+        let mut iface = Interface::new(iface_cfg, &mut device, now);
+        // smoltcp accepts packets for any address whose route leads through one of its own
+        // addresses ("any IP"): that is how it terminates guest connections to the whole
+        // internet. The gateway is its address and the default route.
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(config.gateway.into(), config.subnet.prefix_len()));
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(config.gateway)
+            .expect("the route table has room for one route");
+        let mut reserved = vec![config.gateway];
+        reserved.extend(config.host_alias);
+        let dhcp = DhcpServer::new(DhcpServerConfig {
+            server_ip: config.gateway,
+            subnet: config.subnet,
+            router: config.gateway,
+            dns_servers: config.dhcp.dns_servers.clone(),
+            first: config.first_guest,
+            last: config.last_guest,
+            reserved,
+            lease_time: config.dhcp.lease_time,
+            domain_name: config.dhcp.domain_name.clone(),
+            search: config.dhcp.search.clone(),
+            mtu: config.mtu,
+        });
+        let ip_ident = rng.next_u32() as u16;
+        Ok(Stack {
+            config,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            frames,
+            neighbors,
+            stats,
+            dhcp,
+            rng,
+            next_flow: 1,
+            ip_ident,
+            tcp: BTreeMap::new(),
+            tcp_by_key: BTreeMap::new(),
+            tcp_pending: 0,
+            dirty: Vec::new(),
+            all_dirty: false,
+            udp: BTreeMap::new(),
+            udp_by_guest: BTreeMap::new(),
+            udp_next_expiry: None,
+            pings: BTreeMap::new(),
+            ping_by_key: BTreeMap::new(),
+            ping_next_expiry: None,
+            commands: VecDeque::new(),
+            arena: Vec::new(),
+            scratch: Vec::new(),
+            last_now: now,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The DHCP leases handed out, by MAC address.
+    pub fn leases(&self) -> impl Iterator<Item = ([u8; 6], Ipv4Addr)> + '_ {
+        self.dhcp.leases()
+    }
+
+    /// A seeded random number for the owner's own protocol choices (e.g. DNS IDs).
+    pub fn random_u32(&mut self) -> u32 {
+        self.rng.next_u32()
+    }
+
+    fn new_flow_id(&mut self) -> FlowId {
+        let id = FlowId(self.next_flow);
+        self.next_flow += 1;
+        id
+    }
+
+    fn next_ident(&mut self) -> u16 {
+        self.ip_ident = self.ip_ident.wrapping_add(1);
+        self.ip_ident
+    }
+
+    // ---------------------------------------------------------------- guest input
+
+    /// Take one Ethernet frame from the guest. Replies and host commands come out of
+    /// [`Stack::poll`] and the drains; call `poll` after a batch of inputs.
+    pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        self.last_now = now;
+        self.stats.frames_in += 1;
+        self.stats.bytes_in += frame.len() as u64;
+        if let Err(reason) = self.switch(now, frame) {
+            self.stats.drop(reason);
+        }
+    }
+
+    fn switch(&mut self, now: Instant, frame: &[u8]) -> Result<(), DropReason> {
+        if frame.len() < ETH_HDR {
+            return Err(DropReason::Truncated);
+        }
+        let dst: [u8; 6] = frame[0..6].try_into().expect("6 bytes");
+        let src: [u8; 6] = frame[6..12].try_into().expect("6 bytes");
+        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+        if src[0] & 1 == 1 {
+            // A multicast source address is never legitimate.
+            return Err(DropReason::Malformed);
+        }
+        let for_us = dst == self.config.gateway_mac;
+        if !for_us && dst != BROADCAST_MAC {
+            return Err(if dst[0] & 1 == 1 {
+                DropReason::NotUnicast
+            } else {
+                DropReason::UnknownDestination
+            });
+        }
+        let payload = &frame[ETH_HDR..];
+        match ethertype {
+            ETHERTYPE_ARP => self.handle_arp(src, payload),
+            ETHERTYPE_IPV4 => {
+                let ip = Ipv4::parse(payload)?;
+                if ip.packet.len() > usize::from(self.config.mtu) {
+                    return Err(DropReason::TooBig);
+                }
+                if !ip.src.is_unspecified() {
+                    self.neighbors.learn(ip.src, src);
+                }
+                self.handle_ipv4(now, src, for_us, ip)
+            }
+            _ => Err(DropReason::UnknownEthertype),
+        }
+    }
+
+    fn handle_arp(&mut self, src_mac: [u8; 6], payload: &[u8]) -> Result<(), DropReason> {
+        let packet = ArpPacket::new_checked(payload).map_err(|_| DropReason::Truncated)?;
+        let repr = ArpRepr::parse(&packet).map_err(|_| DropReason::Malformed)?;
+        let ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        } = repr
+        else {
+            return Err(DropReason::Malformed);
+        };
+        if source_hardware_addr.0 != src_mac {
+            return Err(DropReason::Malformed);
+        }
+        self.neighbors.learn(source_protocol_addr, src_mac);
+        let ours = target_protocol_addr == self.config.gateway
+            || Some(target_protocol_addr) == self.config.host_alias;
+        if operation != ArpOperation::Request || !ours {
+            return Ok(());
+        }
+        let reply = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: EthernetAddress(self.config.gateway_mac),
+            source_protocol_addr: target_protocol_addr,
+            target_hardware_addr: source_hardware_addr,
+            target_protocol_addr: source_protocol_addr,
+        };
+        let gw = self.config.gateway_mac;
+        self.frames.push_with(ETH_HDR + reply.buffer_len(), |f| {
+            write_eth(f, src_mac, gw, ETHERTYPE_ARP);
+            reply.emit(&mut ArpPacket::new_unchecked(&mut f[ETH_HDR..]));
+        });
+        self.stats.arp_replies += 1;
+        Ok(())
+    }
+
+    fn handle_ipv4(
+        &mut self,
+        now: Instant,
+        src_mac: [u8; 6],
+        for_us: bool,
+        ip: Ipv4<'_>,
+    ) -> Result<(), DropReason> {
+        // DHCP is the one thing a guest may send before it has an address, and broadcast.
+        if ip.protocol == wire::PROTO_UDP {
+            let udp = Udp::parse(&ip)?;
+            if udp.dst_port == 67 && (ip.dst.is_broadcast() || ip.dst == self.config.gateway) {
+                return self.handle_dhcp(now, src_mac, udp.payload);
+            }
+            if !for_us || !self.unicast_dst(ip.dst) || ip.src.is_unspecified() {
+                return Err(DropReason::NotUnicast);
+            }
+            return self.handle_udp(now, &ip, &udp);
+        }
+        if !for_us || !self.unicast_dst(ip.dst) || ip.src.is_unspecified() {
+            return Err(DropReason::NotUnicast);
+        }
+        match ip.protocol {
+            wire::PROTO_TCP => self.handle_tcp(now, &ip),
+            wire::PROTO_ICMP => self.handle_icmp(now, &ip),
+            _ => Err(DropReason::UnsupportedProtocol),
+        }
+    }
+
+    fn unicast_dst(&self, dst: Ipv4Addr) -> bool {
+        !(dst.is_broadcast()
+            || dst.is_multicast()
+            || dst.is_unspecified()
+            || dst == self.config.subnet.broadcast())
+    }
+
+    /// Where a destination the guest names is reached on the host.
+    fn host_target(&self, dst: Ipv4Addr) -> IpAddr {
+        if Some(dst) == self.config.host_alias {
+            self.config.host_loopback
+        } else {
+            IpAddr::V4(dst)
+        }
+    }
+
+    /// Push an IPv4 packet of `ip_len` bytes for `dst`, built by `fill`.
+    fn push_ip(&mut self, dst: Ipv4Addr, ip_len: usize, fill: impl FnOnce(&mut [u8])) {
+        let Some(mac) = self.neighbors.get(dst) else {
+            self.stats.drop(DropReason::NoNeighbor);
+            return;
+        };
+        let gw = self.config.gateway_mac;
+        self.frames.push_with(ETH_HDR + ip_len, |f| {
+            write_eth(f, mac, gw, ETHERTYPE_IPV4);
+            fill(&mut f[ETH_HDR..]);
+        });
+    }
+
+    // ---------------------------------------------------------------- DHCP
+
+    fn handle_dhcp(&mut self, now: Instant, src_mac: [u8; 6], payload: &[u8]) -> Result<(), DropReason> {
+        let mut out = std::mem::take(&mut self.scratch);
+        let result = self.dhcp.handle(now, payload, &mut out);
+        let reply = match result {
+            Ok(Some(reply)) => reply,
+            Ok(None) => {
+                self.scratch = out;
+                return Ok(());
+            }
+            Err(_) => {
+                self.scratch = out;
+                return Err(DropReason::Dhcp);
+            }
+        };
+        let dst_mac = if reply.dst_ip.is_broadcast() { BROADCAST_MAC } else { reply.dst_mac };
+        let _ = src_mac;
+        let gw_mac = self.config.gateway_mac;
+        let gw = self.config.gateway;
+        let ident = self.next_ident();
+        let ip_len = wire::IPV4_HDR + wire::UDP_HDR + reply.len;
+        let data = &out[..reply.len];
+        self.frames.push_with(ETH_HDR + ip_len, |f| {
+            write_eth(f, dst_mac, gw_mac, ETHERTYPE_IPV4);
+            wire::emit_udp(&mut f[ETH_HDR..], gw, 67, reply.dst_ip, 68, data, ident);
+        });
+        if !reply.dst_ip.is_broadcast() {
+            self.neighbors.learn(reply.dst_ip, reply.dst_mac);
+        }
+        self.stats.dhcp_replies += 1;
+        self.scratch = out;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- UDP
+
+    fn handle_udp(&mut self, now: Instant, ip: &Ipv4<'_>, udp: &Udp<'_>) -> Result<(), DropReason> {
+        let guest = SocketAddrV4::new(ip.src, udp.src_port);
+        let (dst, dns_upstream) = if ip.dst == self.config.gateway && udp.dst_port == 53 {
+            match self.config.dns_forward {
+                Some(up) => (up, Some(up)),
+                None => return Err(DropReason::UnsupportedProtocol),
+            }
+        } else if ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias {
+            // Nothing else listens on the gateway.
+            return Err(DropReason::UnsupportedProtocol);
+        } else {
+            (SocketAddr::new(self.host_target(ip.dst), udp.dst_port), None)
+        };
+        let flow = match self.udp_by_guest.get(&guest) {
+            Some(id) => *id,
+            None => {
+                if self.udp.len() >= self.config.udp.max_flows {
+                    self.evict_oldest_udp();
+                }
+                let id = self.new_flow_id();
+                self.udp.insert(id, UdpFlow { guest, last_active: now, dns_upstream: None });
+                self.udp_by_guest.insert(guest, id);
+                self.stats.udp_flows_opened += 1;
+                let expiry = now + self.config.udp.idle_timeout;
+                self.udp_next_expiry = Some(self.udp_next_expiry.map_or(expiry, |e| e.min(expiry)));
+                id
+            }
+        };
+        let entry = self.udp.get_mut(&flow).expect("indexed");
+        entry.last_active = now;
+        if dns_upstream.is_some() {
+            entry.dns_upstream = dns_upstream;
+        }
+        let range = self.arena_push(udp.payload);
+        self.commands.push_back(Cmd::UdpSend(flow, dst, range));
+        Ok(())
+    }
+
+    fn evict_oldest_udp(&mut self) {
+        let oldest = self.udp.iter().min_by_key(|(id, f)| (f.last_active, **id)).map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            self.remove_udp(id);
+            self.stats.drop(DropReason::UdpEvicted);
+        }
+    }
+
+    fn remove_udp(&mut self, id: FlowId) {
+        if let Some(f) = self.udp.remove(&id) {
+            self.udp_by_guest.remove(&f.guest);
+            self.commands.push_back(Cmd::UdpClose(id));
+        }
+    }
+
+    /// A datagram arrived on a UDP flow's host socket from `from`.
+    pub fn udp_from_host(&mut self, now: Instant, flow: FlowId, from: SocketAddr, payload: &[u8]) {
+        self.last_now = now;
+        let Some(entry) = self.udp.get_mut(&flow) else {
+            self.stats.drop(DropReason::StaleHostEvent);
+            return;
+        };
+        entry.last_active = now;
+        let guest = entry.guest;
+        let src = if entry.dns_upstream == Some(from) {
+            SocketAddrV4::new(self.config.gateway, 53)
+        } else {
+            match self.guest_visible(from) {
+                Some(s) => s,
+                None => {
+                    self.stats.drop(DropReason::UnsupportedProtocol);
+                    return;
+                }
+            }
+        };
+        let ip_len = wire::IPV4_HDR + wire::UDP_HDR + payload.len();
+        if ip_len > usize::from(self.config.mtu) {
+            self.stats.drop(DropReason::HostTooBig);
+            return;
+        }
+        let ident = self.next_ident();
+        self.push_ip(*guest.ip(), ip_len, |b| {
+            wire::emit_udp(b, *src.ip(), src.port(), *guest.ip(), guest.port(), payload, ident)
+        });
+    }
+
+    /// The address a host-side peer appears as to the guest.
+    fn guest_visible(&self, from: SocketAddr) -> Option<SocketAddrV4> {
+        match (from.ip(), self.config.host_alias) {
+            (ip, Some(alias)) if ip == self.config.host_loopback => {
+                Some(SocketAddrV4::new(alias, from.port()))
+            }
+            (IpAddr::V4(v4), _) => Some(SocketAddrV4::new(v4, from.port())),
+            (IpAddr::V6(_), _) => None,
+        }
+    }
+
+    fn arena_push(&mut self, data: &[u8]) -> std::ops::Range<usize> {
+        let start = self.arena.len();
+        self.arena.extend_from_slice(data);
+        start..self.arena.len()
+    }
+
+    // ---------------------------------------------------------------- ICMP
+
+    fn handle_icmp(&mut self, now: Instant, ip: &Ipv4<'_>) -> Result<(), DropReason> {
+        let Some(echo) = IcmpEcho::parse(ip)? else {
+            return Err(DropReason::UnsupportedProtocol);
+        };
+        if !echo.request {
+            return Err(DropReason::UnsupportedProtocol);
+        }
+        self.stats.icmp_echo_requests += 1;
+        if ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias {
+            // The gateway is this stack: answering for it is the truth, not a forgery.
+            let reply = IcmpEcho { request: false, ..echo };
+            let ident = self.next_ident();
+            let len = wire::IPV4_HDR + wire::ICMP_HDR + echo.data.len();
+            let (src, dst) = (ip.dst, ip.src);
+            self.push_ip(dst, len, |b| wire::emit_icmp_echo(b, src, dst, &reply, ident));
+            self.stats.icmp_echo_replies += 1;
+            return Ok(());
+        }
+        let key = PingKey { guest: ip.src, ident: echo.ident, dst: ip.dst };
+        let flow = match self.ping_by_key.get(&key) {
+            Some(id) => *id,
+            None => {
+                if self.pings.len() >= self.config.icmp.max_flows {
+                    return Err(DropReason::IcmpFlowLimit);
+                }
+                let id = self.new_flow_id();
+                self.pings.insert(id, PingFlow { key, last_active: now });
+                self.ping_by_key.insert(key, id);
+                let expiry = now + self.config.icmp.idle_timeout;
+                self.ping_next_expiry = Some(self.ping_next_expiry.map_or(expiry, |e| e.min(expiry)));
+                id
+            }
+        };
+        self.pings.get_mut(&flow).expect("indexed").last_active = now;
+        let dst = self.host_target(ip.dst);
+        let range = self.arena_push(echo.data);
+        self.commands.push_back(Cmd::PingSend(flow, dst, echo.seq, range));
+        Ok(())
+    }
+
+    /// An echo reply arrived for a ping flow. The guest sees its own identifier.
+    pub fn ping_reply(&mut self, now: Instant, flow: FlowId, seq: u16, payload: &[u8]) {
+        self.last_now = now;
+        let Some(p) = self.pings.get_mut(&flow) else {
+            self.stats.drop(DropReason::StaleHostEvent);
+            return;
+        };
+        p.last_active = now;
+        let key = p.key;
+        let len = wire::IPV4_HDR + wire::ICMP_HDR + payload.len();
+        if len > usize::from(self.config.mtu) {
+            self.stats.drop(DropReason::HostTooBig);
+            return;
+        }
+        let reply = IcmpEcho { request: false, ident: key.ident, seq, data: payload };
+        let ident = self.next_ident();
+        self.push_ip(key.guest, len, |b| wire::emit_icmp_echo(b, key.dst, key.guest, &reply, ident));
+        self.stats.icmp_echo_replies += 1;
+    }
+
+    // ---------------------------------------------------------------- TCP
+
+    fn handle_tcp(&mut self, now: Instant, ip: &Ipv4<'_>) -> Result<(), DropReason> {
+        let seg = TcpPorts::parse(ip)?;
+        let key = TcpKey {
+            guest: SocketAddrV4::new(ip.src, seg.src_port),
+            dst: SocketAddrV4::new(ip.dst, seg.dst_port),
+        };
+        if let Some(&id) = self.tcp_by_key.get(&key) {
+            let flow = self.tcp.get_mut(&id).expect("indexed");
+            match flow.phase {
+                // A retransmitted SYN (or anything else) while the host connect runs is
+                // absorbed: the guest will retransmit, and the flow answers once connected.
+                Phase::Connecting { .. } => return Ok(()),
+                Phase::Open { .. } => {
+                    self.feed_smoltcp(now, ip.packet);
+                    self.dirty.push(id);
+                    return Ok(());
+                }
+            }
+        }
+        if !(seg.syn && !seg.ack_flag && !seg.rst) {
+            // Not a new connection: let smoltcp answer it (RST for a stray segment).
+            self.feed_smoltcp(now, ip.packet);
+            return Ok(());
+        }
+        let refuse = if self.tcp.len() >= self.config.tcp.max_flows {
+            Some(DropReason::TcpFlowLimit)
+        } else if self.tcp_pending >= self.config.tcp.max_pending_connects {
+            Some(DropReason::TcpPendingLimit)
+        } else if ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias {
+            // No TCP service on the gateway yet: refuse at once.
+            Some(DropReason::TcpRejected)
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            self.send_rst(key, &seg);
+            return Err(reason);
+        }
+        let id = self.new_flow_id();
+        let deadline = now + self.config.tcp.connect_timeout;
+        self.tcp.insert(id, TcpFlow::new(key, ip.packet.to_vec(), deadline));
+        self.tcp_by_key.insert(key, id);
+        self.tcp_pending += 1;
+        self.stats.tcp_flows_opened += 1;
+        let dst = SocketAddr::new(self.host_target(ip.dst), seg.dst_port);
+        self.commands.push_back(Cmd::TcpConnect(id, dst));
+        Ok(())
+    }
+
+    fn send_rst(&mut self, key: TcpKey, seg: &TcpPorts) {
+        let ident = self.next_ident();
+        let len = wire::IPV4_HDR + wire::TCP_HDR;
+        self.push_ip(*key.guest.ip(), len, |b| {
+            wire::emit_tcp_rst(
+                b,
+                *key.dst.ip(),
+                key.dst.port(),
+                *key.guest.ip(),
+                key.guest.port(),
+                seg,
+                ident,
+            )
+        });
+    }
+
+    fn feed_smoltcp(&mut self, now: Instant, packet: &[u8]) {
+        let mut device = GuestDevice {
+            rx: Some(packet),
+            tx: &mut self.frames,
+            neighbors: &self.neighbors,
+            stats: &mut self.stats,
+            gateway_mac: self.config.gateway_mac,
+            mtu: usize::from(self.config.mtu),
+        };
+        self.iface.poll_ingress_single(now, &mut device, &mut self.sockets);
+    }
+
+    /// The host connect for `flow` succeeded: the guest now gets its SYN-ACK.
+    pub fn tcp_connected(&mut self, now: Instant, flow: FlowId) {
+        self.last_now = now;
+        let Some(f) = self.tcp.get_mut(&flow) else {
+            self.stats.drop(DropReason::StaleHostEvent);
+            return;
+        };
+        let Phase::Connecting { syn, .. } = &mut f.phase else {
+            self.stats.drop(DropReason::StaleHostEvent);
+            return;
+        };
+        let syn = std::mem::take(syn);
+        let key = f.key;
+        self.tcp_pending -= 1;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.config.tcp.rx_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.config.tcp.tx_buffer]),
+        );
+        // Bytes are relayed as they come: coalescing is the endpoints' business.
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(self.config.tcp.ack_delay);
+        // Detects a guest that vanished while data is outstanding; never an idle timer.
+        socket.set_timeout(Some(Duration::from_secs(300)));
+        let listen = smoltcp::wire::IpListenEndpoint {
+            addr: Some((*key.dst.ip()).into()),
+            port: key.dst.port(),
+        };
+        if socket.listen(listen).is_err() {
+            self.stats.drop(DropReason::TcpRejected);
+            self.close_tcp(flow, true);
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        f.phase = Phase::Open { handle };
+        self.feed_smoltcp(now, &syn);
+        let state = self.sockets.get::<tcp::Socket>(handle).state();
+        if state != tcp::State::SynReceived {
+            // smoltcp did not take the SYN (it should): never leave a listener that could
+            // pick up another flow's SYN.
+            self.stats.drop(DropReason::TcpRejected);
+            self.close_tcp(flow, true);
+            return;
+        }
+        self.dirty.push(flow);
+    }
+
+    /// The host connect for `flow` failed: the guest gets a RST.
+    pub fn tcp_connect_failed(&mut self, now: Instant, flow: FlowId, _err: ConnectError) {
+        self.last_now = now;
+        let Some(f) = self.tcp.get(&flow) else {
+            self.stats.drop(DropReason::StaleHostEvent);
+            return;
+        };
+        let Phase::Connecting { syn, .. } = &f.phase else {
+            self.stats.drop(DropReason::StaleHostEvent);
+            return;
+        };
+        let syn = syn.clone();
+        let key = f.key;
+        self.stats.tcp_connects_failed += 1;
+        if let Ok(ip) = Ipv4::parse(&syn) {
+            if let Ok(seg) = TcpPorts::parse(&ip) {
+                self.send_rst(key, &seg);
+            }
+        }
+        self.remove_tcp(flow);
+    }
+
+    fn socket(&mut self, flow: FlowId) -> Option<&mut tcp::Socket<'static>> {
+        let handle = self.tcp.get(&flow)?.handle()?;
+        Some(self.sockets.get_mut::<tcp::Socket>(handle))
+    }
+
+    /// Bytes the guest sent that are waiting for the host (a contiguous chunk; after
+    /// consuming it there may be more). Empty when there are none.
+    pub fn tcp_to_host(&mut self, flow: FlowId) -> &[u8] {
+        match self.socket(flow) {
+            Some(s) => s.peek(usize::MAX).unwrap_or(&[]),
+            None => &[],
+        }
+    }
+
+    /// The host accepted `n` bytes of [`Stack::tcp_to_host`].
+    pub fn tcp_consume_to_host(&mut self, flow: FlowId, n: usize) {
+        if let Some(s) = self.socket(flow) {
+            let _ = s.recv(|b| (n.min(b.len()), ()));
+            self.dirty.push(flow);
+        }
+    }
+
+    /// Room for bytes from the host.
+    pub fn tcp_room(&mut self, flow: FlowId) -> usize {
+        match self.socket(flow) {
+            Some(s) if s.may_send() => s.send_capacity() - s.send_queue(),
+            _ => 0,
+        }
+    }
+
+    /// Let `fill` write host bytes into the flow's send buffer: it gets the free space
+    /// (a contiguous chunk) and returns how many bytes it wrote and a value passed back.
+    /// Returns `None` when the flow cannot take bytes now (no flow, or no room: the stack
+    /// will emit `TcpReady` once there is room).
+    pub fn tcp_from_host<R>(&mut self, flow: FlowId, fill: impl FnOnce(&mut [u8]) -> (usize, R)) -> Option<R> {
+        let f = self.tcp.get_mut(&flow)?;
+        let handle = f.handle()?;
+        let s = self.sockets.get_mut::<tcp::Socket>(handle);
+        if !s.may_send() || s.send_capacity() == s.send_queue() {
+            f.host_read_blocked = true;
+            return None;
+        }
+        let r = s.send(fill).ok();
+        if s.send_capacity() == s.send_queue() {
+            f.host_read_blocked = true;
+        }
+        self.dirty.push(flow);
+        r
+    }
+
+    /// The host closed its write side: the guest gets a FIN after the queued bytes.
+    pub fn tcp_host_eof(&mut self, flow: FlowId) {
+        let Some(f) = self.tcp.get_mut(&flow) else {
+            return;
+        };
+        f.host_eof = true;
+        if let Some(h) = f.handle() {
+            self.sockets.get_mut::<tcp::Socket>(h).close();
+        }
+        self.dirty.push(flow);
+    }
+
+    /// The host connection was reset (or failed): the guest gets a RST.
+    pub fn tcp_host_reset(&mut self, flow: FlowId) {
+        let Some(f) = self.tcp.get(&flow) else {
+            return;
+        };
+        if let Some(h) = f.handle() {
+            self.sockets.get_mut::<tcp::Socket>(h).abort();
+            // Let the RST go out before the socket is removed.
+            self.flush_egress(self.last_now);
+        }
+        self.remove_tcp(flow);
+    }
+
+    /// Forget a flow; its host side has been told (or is told by the caller).
+    fn remove_tcp(&mut self, flow: FlowId) {
+        if let Some(f) = self.tcp.remove(&flow) {
+            self.tcp_by_key.remove(&f.key);
+            match f.phase {
+                Phase::Connecting { .. } => self.tcp_pending -= 1,
+                Phase::Open { handle } => {
+                    self.sockets.remove(handle);
+                }
+            }
+        }
+    }
+
+    /// End a flow and tell the host: `abort` resets, otherwise a clean close.
+    fn close_tcp(&mut self, flow: FlowId, abort: bool) {
+        self.remove_tcp(flow);
+        self.commands.push_back(if abort { Cmd::TcpAbort(flow) } else { Cmd::TcpClose(flow) });
+    }
+
+    /// Look at one flow after something happened to it and tell the host what follows.
+    fn service_tcp(&mut self, id: FlowId) {
+        let Some(f) = self.tcp.get_mut(&id) else {
+            return;
+        };
+        let Some(handle) = f.handle() else {
+            return;
+        };
+        let s = self.sockets.get_mut::<tcp::Socket>(handle);
+        let state = s.state();
+        let last = std::mem::replace(&mut f.last_state, state);
+        let queued = s.recv_queue();
+        // smoltcp keeps `may_recv` true while bytes are buffered, so this turns true only
+        // once the guest's FIN arrived and everything before it was handed over.
+        if !s.may_recv() && !matches!(state, tcp::State::SynReceived | tcp::State::Listen) {
+            f.guest_fin = true;
+        }
+        match state {
+            tcp::State::Listen => {
+                // The guest reset its half-open connection: smoltcp went back to
+                // listening. Never keep that listener.
+                self.close_tcp(id, true);
+                return;
+            }
+            tcp::State::Closed
+                if !matches!(last, tcp::State::LastAck | tcp::State::TimeWait | tcp::State::Closing) =>
+            {
+                // Reset by the guest (or given up on): the host connection is reset too,
+                // and undelivered bytes are discarded, as a kernel does on RST.
+                self.close_tcp(id, true);
+                return;
+            }
+            tcp::State::Closed | tcp::State::TimeWait if queued == 0 => {
+                // Both FINs exchanged. The guest keeps its own TIME-WAIT; a late
+                // retransmission gets a RST, harmlessly.
+                let clean = f.host_eof && f.guest_fin;
+                self.close_tcp(id, !clean);
+                return;
+            }
+            _ => {}
+        }
+        let room = s.may_send() && s.send_capacity() > s.send_queue();
+        let mut ready = queued > 0;
+        if f.host_read_blocked && room {
+            f.host_read_blocked = false;
+            ready = true;
+        }
+        if ready && !f.ready_queued {
+            f.ready_queued = true;
+            self.commands.push_back(Cmd::TcpReady(id));
+        }
+        if f.guest_fin && queued == 0 && !f.shutdown_sent {
+            f.shutdown_sent = true;
+            self.commands.push_back(Cmd::TcpShutdownWrite(id));
+        }
+    }
+
+    // ---------------------------------------------------------------- time
+
+    /// Run everything that is due: smoltcp's transmissions and timers, flow bookkeeping,
+    /// expiry of idle NAT entries and of host connects that took too long. Call it after
+    /// every batch of inputs and whenever [`Stack::poll_timeout`] passes.
+    pub fn poll(&mut self, now: Instant) {
+        self.last_now = now;
+        self.expire(now);
+        // Egress may change socket states (timers, retransmission give-ups), and state
+        // changes may queue more egress (a close after EOF); two rounds settle it.
+        for _ in 0..2 {
+            self.flush_egress(now);
+            self.service_dirty();
+        }
+    }
+
+    fn flush_egress(&mut self, now: Instant) {
+        let mut device = GuestDevice {
+            rx: None,
+            tx: &mut self.frames,
+            neighbors: &self.neighbors,
+            stats: &mut self.stats,
+            gateway_mac: self.config.gateway_mac,
+            mtu: usize::from(self.config.mtu),
+        };
+        let r = self.iface.poll_egress(now, &mut device, &mut self.sockets);
+        if r == smoltcp::iface::PollResult::SocketStateChanged {
+            // Timers (retransmission, keep-alive) act on any socket.
+            self.all_dirty = true;
+        }
+    }
+
+    fn service_dirty(&mut self) {
+        if self.all_dirty {
+            self.all_dirty = false;
+            self.dirty.clear();
+            let ids: Vec<FlowId> = self.tcp.keys().copied().collect();
+            for id in ids {
+                self.service_tcp(id);
+            }
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for id in dirty.drain(..) {
+            self.service_tcp(id);
+        }
+        self.dirty = dirty;
+    }
+
+    fn expire(&mut self, now: Instant) {
+        // Host connects past their deadline.
+        if self.tcp_pending > 0 {
+            let late: Vec<FlowId> = self
+                .tcp
+                .iter()
+                .filter(|(_, f)| matches!(f.phase, Phase::Connecting { deadline, .. } if deadline <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in late {
+                self.tcp_connect_failed(now, id, ConnectError::TimedOut);
+                self.commands.push_back(Cmd::TcpAbort(id));
+            }
+        }
+        if self.udp_next_expiry.is_some_and(|t| t <= now) {
+            let idle = self.config.udp.idle_timeout;
+            let dead: Vec<FlowId> =
+                self.udp.iter().filter(|(_, f)| f.last_active + idle <= now).map(|(id, _)| *id).collect();
+            for id in dead {
+                self.remove_udp(id);
+            }
+            self.udp_next_expiry = self.udp.values().map(|f| f.last_active + idle).min();
+        }
+        if self.ping_next_expiry.is_some_and(|t| t <= now) {
+            let idle = self.config.icmp.idle_timeout;
+            let dead: Vec<FlowId> =
+                self.pings.iter().filter(|(_, f)| f.last_active + idle <= now).map(|(id, _)| *id).collect();
+            for id in dead {
+                if let Some(p) = self.pings.remove(&id) {
+                    self.ping_by_key.remove(&p.key);
+                    self.commands.push_back(Cmd::PingClose(id));
+                }
+            }
+            self.ping_next_expiry = self.pings.values().map(|f| f.last_active + idle).min();
+        }
+    }
+
+    /// When [`Stack::poll`] must run next at the latest (`None`: only on input).
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let now = self.last_now;
+        let mut t = self.iface.poll_at(now, &self.sockets);
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        consider(self.udp_next_expiry);
+        consider(self.ping_next_expiry);
+        if self.tcp_pending > 0 {
+            consider(
+                self.tcp
+                    .values()
+                    .filter_map(|f| match f.phase {
+                        Phase::Connecting { deadline, .. } => Some(deadline),
+                        _ => None,
+                    })
+                    .min(),
+            );
+        }
+        t
+    }
+
+    // ---------------------------------------------------------------- output
+
+    /// The next frame for the guest, if any.
+    pub fn peek_frame(&self) -> Option<&[u8]> {
+        self.frames.front()
+    }
+
+    /// Remove the frame [`Stack::peek_frame`] returned.
+    pub fn pop_frame(&mut self) {
+        if let Some(len) = self.frames.pop() {
+            self.stats.frames_out += 1;
+            self.stats.bytes_out += len as u64;
+        }
+    }
+
+    /// Frames queued for the guest.
+    pub fn frames_queued(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Bytes of the frames queued for the guest.
+    pub fn frames_queued_bytes(&self) -> usize {
+        self.frames.bytes()
+    }
+
+    /// The next command for the host, if any.
+    pub fn poll_command(&mut self) -> Option<HostCommand<'_>> {
+        let Some(cmd) = self.commands.pop_front() else {
+            self.arena.clear();
+            if self.arena.capacity() > ARENA_KEEP {
+                self.arena.shrink_to(ARENA_KEEP);
+            }
+            return None;
+        };
+        Some(match cmd {
+            Cmd::TcpConnect(flow, dst) => HostCommand::TcpConnect { flow, dst },
+            Cmd::TcpReady(flow) => {
+                if let Some(f) = self.tcp.get_mut(&flow) {
+                    f.ready_queued = false;
+                }
+                HostCommand::TcpReady { flow }
+            }
+            Cmd::TcpShutdownWrite(flow) => HostCommand::TcpShutdownWrite { flow },
+            Cmd::TcpClose(flow) => HostCommand::TcpClose { flow },
+            Cmd::TcpAbort(flow) => HostCommand::TcpAbort { flow },
+            Cmd::UdpSend(flow, dst, r) => HostCommand::UdpSend { flow, dst, payload: &self.arena[r] },
+            Cmd::UdpClose(flow) => HostCommand::UdpClose { flow },
+            Cmd::PingSend(flow, dst, seq, r) => {
+                HostCommand::PingSend { flow, dst, seq, payload: &self.arena[r] }
+            }
+            Cmd::PingClose(flow) => HostCommand::PingClose { flow },
+        })
+    }
+
+    // ---------------------------------------------------------------- introspection
+
+    /// Every TCP flow, in flow order.
+    pub fn tcp_flows(&self) -> Vec<TcpFlowInfo> {
+        self.tcp
+            .iter()
+            .map(|(id, f)| {
+                let (state, rq, sq) = match f.phase {
+                    Phase::Connecting { .. } => ("connecting".to_string(), 0, 0),
+                    Phase::Open { handle } => {
+                        let s = self.sockets.get::<tcp::Socket>(handle);
+                        (s.state().to_string(), s.recv_queue(), s.send_queue())
+                    }
+                };
+                TcpFlowInfo {
+                    flow: *id,
+                    guest: f.key.guest,
+                    dst: f.key.dst,
+                    state,
+                    to_host_queued: rq,
+                    to_guest_queued: sq,
+                }
+            })
+            .collect()
+    }
+
+    pub fn tcp_flow_count(&self) -> usize {
+        self.tcp.len()
+    }
+
+    pub fn udp_flow_count(&self) -> usize {
+        self.udp.len()
+    }
+
+    pub fn ping_flow_count(&self) -> usize {
+        self.pings.len()
+    }
+
+    /// No flow of any kind, no frame and no command waiting.
+    pub fn is_idle(&self) -> bool {
+        self.tcp.is_empty()
+            && self.udp.is_empty()
+            && self.pings.is_empty()
+            && self.frames.len() == 0
+            && self.commands.is_empty()
+    }
+}
