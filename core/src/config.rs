@@ -22,7 +22,10 @@ impl Subnet {
             return Err(ConfigError::PrefixLen(prefix_len));
         }
         let mask = u32::MAX << (32 - prefix_len);
-        Ok(Subnet { addr: Ipv4Addr::from(u32::from(addr) & mask), prefix_len })
+        Ok(Subnet {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix_len,
+        })
     }
     pub fn network(&self) -> Ipv4Addr {
         self.addr
@@ -55,7 +58,9 @@ impl fmt::Display for Subnet {
 impl std::str::FromStr for Subnet {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let (a, p) = s.split_once('/').ok_or_else(|| ConfigError::Parse(s.to_string()))?;
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| ConfigError::Parse(s.to_string()))?;
         let addr: Ipv4Addr = a.parse().map_err(|_| ConfigError::Parse(s.to_string()))?;
         let prefix: u8 = p.parse().map_err(|_| ConfigError::Parse(s.to_string()))?;
         Subnet::new(addr, prefix)
@@ -67,9 +72,19 @@ impl std::str::FromStr for Subnet {
 pub enum ConfigError {
     PrefixLen(u8),
     Parse(String),
-    OutsideSubnet { what: &'static str, addr: Ipv4Addr, subnet: Subnet },
-    BadRange { first: Ipv4Addr, last: Ipv4Addr },
-    Clash { what: &'static str, addr: Ipv4Addr },
+    OutsideSubnet {
+        what: &'static str,
+        addr: Ipv4Addr,
+        subnet: Subnet,
+    },
+    BadRange {
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    },
+    Clash {
+        what: &'static str,
+        addr: Ipv4Addr,
+    },
     Mtu(u16),
     Zero(&'static str),
 }
@@ -161,7 +176,10 @@ pub struct UdpConfig {
 
 impl Default for UdpConfig {
     fn default() -> Self {
-        UdpConfig { idle_timeout: Duration::from_secs(60), max_flows: 4096 }
+        UdpConfig {
+            idle_timeout: Duration::from_secs(60),
+            max_flows: 4096,
+        }
     }
 }
 
@@ -174,7 +192,10 @@ pub struct IcmpConfig {
 
 impl Default for IcmpConfig {
     fn default() -> Self {
-        IcmpConfig { idle_timeout: Duration::from_secs(30), max_flows: 1024 }
+        IcmpConfig {
+            idle_timeout: Duration::from_secs(30),
+            max_flows: 1024,
+        }
     }
 }
 
@@ -251,7 +272,11 @@ impl Config {
             if s.contains(addr) && addr != s.network() && addr != s.broadcast() {
                 Ok(())
             } else {
-                Err(ConfigError::OutsideSubnet { what, addr, subnet: s })
+                Err(ConfigError::OutsideSubnet {
+                    what,
+                    addr,
+                    subnet: s,
+                })
             }
         };
         inside("gateway", self.gateway)?;
@@ -261,16 +286,25 @@ impl Config {
             inside("host alias", h)?;
         }
         if u32::from(self.first_guest) > u32::from(self.last_guest) {
-            return Err(ConfigError::BadRange { first: self.first_guest, last: self.last_guest });
+            return Err(ConfigError::BadRange {
+                first: self.first_guest,
+                last: self.last_guest,
+            });
         }
         let in_pool = |a: Ipv4Addr| {
             (u32::from(self.first_guest)..=u32::from(self.last_guest)).contains(&u32::from(a))
         };
         if in_pool(self.gateway) {
-            return Err(ConfigError::Clash { what: "gateway", addr: self.gateway });
+            return Err(ConfigError::Clash {
+                what: "gateway",
+                addr: self.gateway,
+            });
         }
         if let Some(h) = self.host_alias.filter(|h| in_pool(*h)) {
-            return Err(ConfigError::Clash { what: "host alias", addr: h });
+            return Err(ConfigError::Clash {
+                what: "host alias",
+                addr: h,
+            });
         }
         if !(576..=65521).contains(&self.mtu) {
             return Err(ConfigError::Mtu(self.mtu));
@@ -309,7 +343,10 @@ mod tests {
     fn rejects_bad_layouts() {
         let mut c = Config::default();
         c.gateway = Ipv4Addr::new(10, 0, 0, 1);
-        assert!(matches!(c.validate(), Err(ConfigError::OutsideSubnet { .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::OutsideSubnet { .. })
+        ));
         let mut c = Config::default();
         c.gateway = c.first_guest;
         assert!(matches!(c.validate(), Err(ConfigError::Clash { .. })));
@@ -317,6 +354,9 @@ mod tests {
         c.mtu = 100;
         assert_eq!(c.validate(), Err(ConfigError::Mtu(100)));
         assert!("10.0.2.0/33".parse::<Subnet>().is_err());
-        assert_eq!("10.0.2.7/24".parse::<Subnet>().unwrap().network(), Ipv4Addr::new(10, 0, 2, 0));
+        assert_eq!(
+            "10.0.2.7/24".parse::<Subnet>().unwrap().network(),
+            Ipv4Addr::new(10, 0, 2, 0)
+        );
     }
 }

@@ -180,7 +180,12 @@ impl phy::TxToken for TxToken<'_> {
                 None
             };
             known = dst.is_some();
-            write_eth(frame, dst.unwrap_or(BROADCAST_MAC), gateway_mac, ETHERTYPE_IPV4);
+            write_eth(
+                frame,
+                dst.unwrap_or(BROADCAST_MAC),
+                gateway_mac,
+                ETHERTYPE_IPV4,
+            );
             r
         });
         if !known {

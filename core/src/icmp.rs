@@ -17,4 +17,3 @@ pub(crate) struct PingFlow {
     pub key: PingKey,
     pub last_active: Instant,
 }
-

@@ -14,20 +14,20 @@
 //! and randomness comes from the seeded generator handed to [`Stack::new`].
 
 pub mod config;
-pub mod dhcp;
 mod device;
+pub mod dhcp;
+mod icmp;
 pub mod stack;
 pub mod stats;
 mod tcp;
 mod udp;
-mod icmp;
 pub mod wire;
 
 pub use config::{Config, ConfigError, DhcpConfig, IcmpConfig, Subnet, TcpConfig, UdpConfig};
 pub use smoltcp::time::{Duration, Instant};
 pub use stack::{ConnectError, FlowId, HostCommand, Stack};
-pub use tcp::TcpFlowInfo;
 pub use stats::{DropReason, Stats};
+pub use tcp::TcpFlowInfo;
 
 /// The generator the owner hands in. ChaCha8 is fast and, seeded, fully reproducible.
 pub type Rng = rand_chacha::ChaCha8Rng;

@@ -62,11 +62,20 @@ pub enum HostCommand<'a> {
     /// Reset the host connection (or cancel the connect) and forget the flow.
     TcpAbort { flow: FlowId },
     /// Send a datagram from this flow's host socket (open one on first use).
-    UdpSend { flow: FlowId, dst: SocketAddr, payload: &'a [u8] },
+    UdpSend {
+        flow: FlowId,
+        dst: SocketAddr,
+        payload: &'a [u8],
+    },
     /// The NAT entry expired or was evicted: close its host socket.
     UdpClose { flow: FlowId },
     /// Send an ICMP echo request from this flow's ping socket (open one on first use).
-    PingSend { flow: FlowId, dst: IpAddr, seq: u16, payload: &'a [u8] },
+    PingSend {
+        flow: FlowId,
+        dst: IpAddr,
+        seq: u16,
+        payload: &'a [u8],
+    },
     /// The ping session expired: close its socket.
     PingClose { flow: FlowId },
 }
@@ -147,7 +156,10 @@ impl Stack {
         // internet. The gateway is its address and the default route.
         iface.set_any_ip(true);
         iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(config.gateway.into(), config.subnet.prefix_len()));
+            let _ = addrs.push(IpCidr::new(
+                config.gateway.into(),
+                config.subnet.prefix_len(),
+            ));
         });
         iface
             .routes_mut()
@@ -373,7 +385,12 @@ impl Stack {
 
     // ---------------------------------------------------------------- DHCP
 
-    fn handle_dhcp(&mut self, now: Instant, src_mac: [u8; 6], payload: &[u8]) -> Result<(), DropReason> {
+    fn handle_dhcp(
+        &mut self,
+        now: Instant,
+        src_mac: [u8; 6],
+        payload: &[u8],
+    ) -> Result<(), DropReason> {
         let mut out = std::mem::take(&mut self.scratch);
         let result = self.dhcp.handle(now, payload, &mut out);
         let reply = match result {
@@ -387,7 +404,11 @@ impl Stack {
                 return Err(DropReason::Dhcp);
             }
         };
-        let dst_mac = if reply.dst_ip.is_broadcast() { BROADCAST_MAC } else { reply.dst_mac };
+        let dst_mac = if reply.dst_ip.is_broadcast() {
+            BROADCAST_MAC
+        } else {
+            reply.dst_mac
+        };
         let _ = src_mac;
         let gw_mac = self.config.gateway_mac;
         let gw = self.config.gateway;
@@ -419,7 +440,10 @@ impl Stack {
             // Nothing else listens on the gateway.
             return Err(DropReason::UnsupportedProtocol);
         } else {
-            (SocketAddr::new(self.host_target(ip.dst), udp.dst_port), None)
+            (
+                SocketAddr::new(self.host_target(ip.dst), udp.dst_port),
+                None,
+            )
         };
         let flow = match self.udp_by_guest.get(&guest) {
             Some(id) => *id,
@@ -428,7 +452,14 @@ impl Stack {
                     self.evict_oldest_udp();
                 }
                 let id = self.new_flow_id();
-                self.udp.insert(id, UdpFlow { guest, last_active: now, dns_upstream: None });
+                self.udp.insert(
+                    id,
+                    UdpFlow {
+                        guest,
+                        last_active: now,
+                        dns_upstream: None,
+                    },
+                );
                 self.udp_by_guest.insert(guest, id);
                 self.stats.udp_flows_opened += 1;
                 let expiry = now + self.config.udp.idle_timeout;
@@ -447,7 +478,11 @@ impl Stack {
     }
 
     fn evict_oldest_udp(&mut self) {
-        let oldest = self.udp.iter().min_by_key(|(id, f)| (f.last_active, **id)).map(|(id, _)| *id);
+        let oldest = self
+            .udp
+            .iter()
+            .min_by_key(|(id, f)| (f.last_active, **id))
+            .map(|(id, _)| *id);
         if let Some(id) = oldest {
             self.remove_udp(id);
             self.stats.drop(DropReason::UdpEvicted);
@@ -488,7 +523,15 @@ impl Stack {
         }
         let ident = self.next_ident();
         self.push_ip(*guest.ip(), ip_len, |b| {
-            wire::emit_udp(b, *src.ip(), src.port(), *guest.ip(), guest.port(), payload, ident)
+            wire::emit_udp(
+                b,
+                *src.ip(),
+                src.port(),
+                *guest.ip(),
+                guest.port(),
+                payload,
+                ident,
+            )
         });
     }
 
@@ -521,15 +564,24 @@ impl Stack {
         self.stats.icmp_echo_requests += 1;
         if ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias {
             // The gateway is this stack: answering for it is the truth, not a forgery.
-            let reply = IcmpEcho { request: false, ..echo };
+            let reply = IcmpEcho {
+                request: false,
+                ..echo
+            };
             let ident = self.next_ident();
             let len = wire::IPV4_HDR + wire::ICMP_HDR + echo.data.len();
             let (src, dst) = (ip.dst, ip.src);
-            self.push_ip(dst, len, |b| wire::emit_icmp_echo(b, src, dst, &reply, ident));
+            self.push_ip(dst, len, |b| {
+                wire::emit_icmp_echo(b, src, dst, &reply, ident)
+            });
             self.stats.icmp_echo_replies += 1;
             return Ok(());
         }
-        let key = PingKey { guest: ip.src, ident: echo.ident, dst: ip.dst };
+        let key = PingKey {
+            guest: ip.src,
+            ident: echo.ident,
+            dst: ip.dst,
+        };
         let flow = match self.ping_by_key.get(&key) {
             Some(id) => *id,
             None => {
@@ -537,17 +589,25 @@ impl Stack {
                     return Err(DropReason::IcmpFlowLimit);
                 }
                 let id = self.new_flow_id();
-                self.pings.insert(id, PingFlow { key, last_active: now });
+                self.pings.insert(
+                    id,
+                    PingFlow {
+                        key,
+                        last_active: now,
+                    },
+                );
                 self.ping_by_key.insert(key, id);
                 let expiry = now + self.config.icmp.idle_timeout;
-                self.ping_next_expiry = Some(self.ping_next_expiry.map_or(expiry, |e| e.min(expiry)));
+                self.ping_next_expiry =
+                    Some(self.ping_next_expiry.map_or(expiry, |e| e.min(expiry)));
                 id
             }
         };
         self.pings.get_mut(&flow).expect("indexed").last_active = now;
         let dst = self.host_target(ip.dst);
         let range = self.arena_push(echo.data);
-        self.commands.push_back(Cmd::PingSend(flow, dst, echo.seq, range));
+        self.commands
+            .push_back(Cmd::PingSend(flow, dst, echo.seq, range));
         Ok(())
     }
 
@@ -565,9 +625,16 @@ impl Stack {
             self.stats.drop(DropReason::HostTooBig);
             return;
         }
-        let reply = IcmpEcho { request: false, ident: key.ident, seq, data: payload };
+        let reply = IcmpEcho {
+            request: false,
+            ident: key.ident,
+            seq,
+            data: payload,
+        };
         let ident = self.next_ident();
-        self.push_ip(key.guest, len, |b| wire::emit_icmp_echo(b, key.dst, key.guest, &reply, ident));
+        self.push_ip(key.guest, len, |b| {
+            wire::emit_icmp_echo(b, key.dst, key.guest, &reply, ident)
+        });
         self.stats.icmp_echo_replies += 1;
     }
 
@@ -613,7 +680,8 @@ impl Stack {
         }
         let id = self.new_flow_id();
         let deadline = now + self.config.tcp.connect_timeout;
-        self.tcp.insert(id, TcpFlow::new(key, ip.packet.to_vec(), deadline));
+        self.tcp
+            .insert(id, TcpFlow::new(key, ip.packet.to_vec(), deadline));
         self.tcp_by_key.insert(key, id);
         self.tcp_pending += 1;
         self.stats.tcp_flows_opened += 1;
@@ -647,7 +715,8 @@ impl Stack {
             gateway_mac: self.config.gateway_mac,
             mtu: usize::from(self.config.mtu),
         };
-        self.iface.poll_ingress_single(now, &mut device, &mut self.sockets);
+        self.iface
+            .poll_ingress_single(now, &mut device, &mut self.sockets);
     }
 
     /// The host connect for `flow` succeeded: the guest now gets its SYN-ACK.
@@ -752,7 +821,11 @@ impl Stack {
     /// (a contiguous chunk) and returns how many bytes it wrote and a value passed back.
     /// Returns `None` when the flow cannot take bytes now (no flow, or no room: the stack
     /// will emit `TcpReady` once there is room).
-    pub fn tcp_from_host<R>(&mut self, flow: FlowId, fill: impl FnOnce(&mut [u8]) -> (usize, R)) -> Option<R> {
+    pub fn tcp_from_host<R>(
+        &mut self,
+        flow: FlowId,
+        fill: impl FnOnce(&mut [u8]) -> (usize, R),
+    ) -> Option<R> {
         let f = self.tcp.get_mut(&flow)?;
         let handle = f.handle()?;
         let s = self.sockets.get_mut::<tcp::Socket>(handle);
@@ -809,7 +882,11 @@ impl Stack {
     /// End a flow and tell the host: `abort` resets, otherwise a clean close.
     fn close_tcp(&mut self, flow: FlowId, abort: bool) {
         self.remove_tcp(flow);
-        self.commands.push_back(if abort { Cmd::TcpAbort(flow) } else { Cmd::TcpClose(flow) });
+        self.commands.push_back(if abort {
+            Cmd::TcpAbort(flow)
+        } else {
+            Cmd::TcpClose(flow)
+        });
     }
 
     /// Look at one flow after something happened to it and tell the host what follows.
@@ -837,7 +914,10 @@ impl Stack {
                 return;
             }
             tcp::State::Closed
-                if !matches!(last, tcp::State::LastAck | tcp::State::TimeWait | tcp::State::Closing) =>
+                if !matches!(
+                    last,
+                    tcp::State::LastAck | tcp::State::TimeWait | tcp::State::Closing
+                ) =>
             {
                 // Reset by the guest (or given up on): the host connection is reset too,
                 // and undelivered bytes are discarded, as a kernel does on RST.
@@ -936,8 +1016,12 @@ impl Stack {
         }
         if self.udp_next_expiry.is_some_and(|t| t <= now) {
             let idle = self.config.udp.idle_timeout;
-            let dead: Vec<FlowId> =
-                self.udp.iter().filter(|(_, f)| f.last_active + idle <= now).map(|(id, _)| *id).collect();
+            let dead: Vec<FlowId> = self
+                .udp
+                .iter()
+                .filter(|(_, f)| f.last_active + idle <= now)
+                .map(|(id, _)| *id)
+                .collect();
             for id in dead {
                 self.remove_udp(id);
             }
@@ -945,8 +1029,12 @@ impl Stack {
         }
         if self.ping_next_expiry.is_some_and(|t| t <= now) {
             let idle = self.config.icmp.idle_timeout;
-            let dead: Vec<FlowId> =
-                self.pings.iter().filter(|(_, f)| f.last_active + idle <= now).map(|(id, _)| *id).collect();
+            let dead: Vec<FlowId> = self
+                .pings
+                .iter()
+                .filter(|(_, f)| f.last_active + idle <= now)
+                .map(|(id, _)| *id)
+                .collect();
             for id in dead {
                 if let Some(p) = self.pings.remove(&id) {
                     self.ping_by_key.remove(&p.key);
@@ -1027,11 +1115,18 @@ impl Stack {
             Cmd::TcpShutdownWrite(flow) => HostCommand::TcpShutdownWrite { flow },
             Cmd::TcpClose(flow) => HostCommand::TcpClose { flow },
             Cmd::TcpAbort(flow) => HostCommand::TcpAbort { flow },
-            Cmd::UdpSend(flow, dst, r) => HostCommand::UdpSend { flow, dst, payload: &self.arena[r] },
+            Cmd::UdpSend(flow, dst, r) => HostCommand::UdpSend {
+                flow,
+                dst,
+                payload: &self.arena[r],
+            },
             Cmd::UdpClose(flow) => HostCommand::UdpClose { flow },
-            Cmd::PingSend(flow, dst, seq, r) => {
-                HostCommand::PingSend { flow, dst, seq, payload: &self.arena[r] }
-            }
+            Cmd::PingSend(flow, dst, seq, r) => HostCommand::PingSend {
+                flow,
+                dst,
+                seq,
+                payload: &self.arena[r],
+            },
             Cmd::PingClose(flow) => HostCommand::PingClose { flow },
         })
     }

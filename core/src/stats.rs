@@ -122,7 +122,10 @@ impl Stats {
     }
     /// Every drop counter that is not zero.
     pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.drops[*r as usize])).filter(|(_, n)| *n > 0)
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.drops[*r as usize]))
+            .filter(|(_, n)| *n > 0)
     }
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()

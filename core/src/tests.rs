@@ -41,9 +41,20 @@ fn gw_mac() -> [u8; 6] {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+fn tcp_frame(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     // SYNs carry an MSS option, as every real stack sends.
-    let opts: &[u8] = if flags & SYN != 0 { &[2, 4, 0x05, 0xb4] } else { &[] };
+    let opts: &[u8] = if flags & SYN != 0 {
+        &[2, 4, 0x05, 0xb4]
+    } else {
+        &[]
+    };
     let hdr = wire::TCP_HDR + opts.len();
     let tcp_len = hdr + payload.len();
     let mut p = vec![0; wire::IPV4_HDR + tcp_len];
@@ -67,7 +78,15 @@ fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: u32, flags: u8
 
 fn udp_frame(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0; wire::IPV4_HDR + wire::UDP_HDR + payload.len()];
-    wire::emit_udp(&mut p, *src.ip(), src.port(), *dst.ip(), dst.port(), payload, 9);
+    wire::emit_udp(
+        &mut p,
+        *src.ip(),
+        src.port(),
+        *dst.ip(),
+        dst.port(),
+        payload,
+        9,
+    );
     eth(ETHERTYPE_IPV4, &p, gw_mac())
 }
 
@@ -104,9 +123,16 @@ fn drain_cmds(s: &mut Stack) -> Vec<Cmd> {
             HostCommand::TcpShutdownWrite { flow } => Cmd::Shutdown(flow),
             HostCommand::TcpClose { flow } => Cmd::Close(flow),
             HostCommand::TcpAbort { flow } => Cmd::Abort(flow),
-            HostCommand::UdpSend { flow, dst, payload } => Cmd::UdpSend(flow, dst, payload.to_vec()),
+            HostCommand::UdpSend { flow, dst, payload } => {
+                Cmd::UdpSend(flow, dst, payload.to_vec())
+            }
             HostCommand::UdpClose { flow } => Cmd::UdpClose(flow),
-            HostCommand::PingSend { flow, dst, seq, payload } => Cmd::Ping(flow, dst, seq, payload.to_vec()),
+            HostCommand::PingSend {
+                flow,
+                dst,
+                seq,
+                payload,
+            } => Cmd::Ping(flow, dst, seq, payload.to_vec()),
             HostCommand::PingClose { flow } => Cmd::PingClose(flow),
         });
     }
@@ -131,9 +157,16 @@ fn tcp_segments(frames: &[Vec<u8>]) -> Vec<Seg> {
             }
             let p = TcpPorts::parse(&ip).unwrap();
             // Every emitted segment carries a valid checksum.
-            let pseudo =
-                checksum::pseudo_header_v4(&ip.src, &ip.dst, IpProtocol::Tcp, ip.payload().len() as u32);
-            assert_eq!(checksum::combine(&[pseudo, checksum::data(ip.payload())]), !0);
+            let pseudo = checksum::pseudo_header_v4(
+                &ip.src,
+                &ip.dst,
+                IpProtocol::Tcp,
+                ip.payload().len() as u32,
+            );
+            assert_eq!(
+                checksum::combine(&[pseudo, checksum::data(ip.payload())]),
+                !0
+            );
             let off = usize::from(ip.payload()[12] >> 4) * 4;
             Some(Seg {
                 src: SocketAddrV4::new(ip.src, p.src_port),
@@ -155,14 +188,21 @@ struct Conn {
 
 impl Conn {
     fn new(dst: SocketAddrV4) -> Self {
-        Conn { guest: SocketAddrV4::new(guest_ip(), 40000), dst, seq: 1000, ack: 0 }
+        Conn {
+            guest: SocketAddrV4::new(guest_ip(), 40000),
+            dst,
+            seq: 1000,
+            ack: 0,
+        }
     }
     fn syn(&self) -> Vec<u8> {
         tcp_frame(self.guest, self.dst, self.seq, 0, SYN, &[])
     }
     fn send(&mut self, flags: u8, payload: &[u8]) -> Vec<u8> {
         let f = tcp_frame(self.guest, self.dst, self.seq, self.ack, flags, payload);
-        self.seq = self.seq.wrapping_add(payload.len() as u32 + u32::from(flags & FIN != 0));
+        self.seq = self
+            .seq
+            .wrapping_add(payload.len() as u32 + u32::from(flags & FIN != 0));
         f
     }
 }
@@ -173,7 +213,9 @@ fn established(s: &mut Stack, now: &mut i64) -> (FlowId, Conn) {
     s.handle_frame(t(*now), &c.syn());
     s.poll(t(*now));
     let cmds = drain_cmds(s);
-    let [Cmd::Connect(flow, _)] = cmds[..] else { panic!("{cmds:?}") };
+    let [Cmd::Connect(flow, _)] = cmds[..] else {
+        panic!("{cmds:?}")
+    };
     s.tcp_connected(t(*now), flow);
     s.poll(t(*now));
     let segs = tcp_segments(&drain_frames(s));
@@ -197,9 +239,14 @@ fn syn_to_refused_port_gets_rst_and_no_synack_before() {
     s.poll(t(0));
     let cmds = drain_cmds(&mut s);
     // The host alias leads to the host's loopback.
-    let [Cmd::Connect(flow, dst)] = cmds[..] else { panic!("{cmds:?}") };
+    let [Cmd::Connect(flow, dst)] = cmds[..] else {
+        panic!("{cmds:?}")
+    };
     assert_eq!(dst, "127.0.0.1:9".parse().unwrap());
-    assert!(drain_frames(&mut s).is_empty(), "nothing for the guest before the host answers");
+    assert!(
+        drain_frames(&mut s).is_empty(),
+        "nothing for the guest before the host answers"
+    );
     s.tcp_connect_failed(t(5), flow, crate::ConnectError::Refused);
     s.poll(t(5));
     let segs = tcp_segments(&drain_frames(&mut s));
@@ -220,7 +267,9 @@ fn synack_only_after_connect_and_retransmitted_syn_is_one_flow() {
     s.poll(t(3000));
     let cmds = drain_cmds(&mut s);
     assert_eq!(cmds.len(), 1, "one connect for three SYNs: {cmds:?}");
-    let Cmd::Connect(flow, dst) = cmds[0] else { panic!() };
+    let Cmd::Connect(flow, dst) = cmds[0] else {
+        panic!()
+    };
     assert_eq!(dst, "203.0.113.5:443".parse().unwrap());
     assert!(drain_frames(&mut s).is_empty());
     s.tcp_connected(t(3001), flow);
@@ -268,8 +317,14 @@ fn data_round_trip_and_half_close_both_ways() {
     s.poll(t(now));
     let segs = tcp_segments(&drain_frames(&mut s));
     let data: Vec<u8> = segs.iter().flat_map(|s| s.payload.clone()).collect();
-    assert_eq!(data, b"more", "the reply after the guest's FIN still arrives");
-    assert!(segs.last().unwrap().p.fin, "host EOF becomes a FIN after the data");
+    assert_eq!(
+        data, b"more",
+        "the reply after the guest's FIN still arrives"
+    );
+    assert!(
+        segs.last().unwrap().p.fin,
+        "host EOF becomes a FIN after the data"
+    );
     c.ack = c.ack.wrapping_add(5);
     now += 1;
     s.handle_frame(t(now), &c.send(ACK, &[]));
@@ -296,7 +351,11 @@ fn host_eof_first_then_guest_fin_closes_cleanly() {
     s.tcp_consume_to_host(flow, 4);
     s.handle_frame(t(now), &c.send(ACK | FIN, &[]));
     s.poll(t(now));
-    assert_eq!(drain_cmds(&mut s), vec![Cmd::Close(flow)], "closing covers the write side");
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::Close(flow)],
+        "closing covers the write side"
+    );
 }
 
 #[test]
@@ -345,7 +404,10 @@ fn backpressure_guest_window_closes_when_host_does_not_read() {
     let n = s.tcp_to_host(flow).len();
     s.tcp_consume_to_host(flow, n);
     s.poll(t(now));
-    assert!(!drain_frames(&mut s).is_empty(), "window update after the host read");
+    assert!(
+        !drain_frames(&mut s).is_empty(),
+        "window update after the host read"
+    );
 }
 
 #[test]
@@ -357,7 +419,11 @@ fn host_read_blocked_until_guest_acks() {
     let (flow, mut c) = established(&mut s, &mut now);
     let wrote = s.tcp_from_host(flow, |b| (b.len(), b.len())).unwrap();
     assert_eq!(wrote, 2000);
-    assert_eq!(s.tcp_from_host(flow, |b| (b.len(), ())), None, "no room: host reads stop");
+    assert_eq!(
+        s.tcp_from_host(flow, |b| (b.len(), ())),
+        None,
+        "no room: host reads stop"
+    );
     s.poll(t(now));
     let segs = tcp_segments(&drain_frames(&mut s));
     let sent: usize = segs.iter().map(|s| s.payload.len()).sum();
@@ -366,7 +432,11 @@ fn host_read_blocked_until_guest_acks() {
     c.ack = c.ack.wrapping_add(2000);
     s.handle_frame(t(now), &c.send(ACK, &[]));
     s.poll(t(now));
-    assert_eq!(drain_cmds(&mut s), vec![Cmd::Ready(flow)], "room again: the host is told");
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::Ready(flow)],
+        "room again: the host is told"
+    );
     assert_eq!(s.tcp_room(flow), 2000);
 }
 
@@ -374,14 +444,36 @@ fn host_read_blocked_until_guest_acks() {
 fn udp_nat_replies_from_two_remotes() {
     let mut s = stack();
     let guest = SocketAddrV4::new(guest_ip(), 5000);
-    s.handle_frame(t(0), &udp_frame(guest, SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 7), b"ping"));
-    s.handle_frame(t(0), &udp_frame(guest, SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 8), b"ping2"));
+    s.handle_frame(
+        t(0),
+        &udp_frame(
+            guest,
+            SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 7),
+            b"ping",
+        ),
+    );
+    s.handle_frame(
+        t(0),
+        &udp_frame(
+            guest,
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 8),
+            b"ping2",
+        ),
+    );
     s.poll(t(0));
     let cmds = drain_cmds(&mut s);
-    let [Cmd::UdpSend(f1, d1, ref p1), Cmd::UdpSend(f2, d2, ref p2)] = cmds[..] else { panic!("{cmds:?}") };
+    let [Cmd::UdpSend(f1, d1, ref p1), Cmd::UdpSend(f2, d2, ref p2)] = cmds[..] else {
+        panic!("{cmds:?}")
+    };
     assert_eq!(f1, f2, "one NAT entry per guest source");
-    assert_eq!((d1, p1.as_slice()), ("198.51.100.1:7".parse().unwrap(), &b"ping"[..]));
-    assert_eq!((d2, p2.as_slice()), ("127.0.0.1:8".parse().unwrap(), &b"ping2"[..]));
+    assert_eq!(
+        (d1, p1.as_slice()),
+        ("198.51.100.1:7".parse().unwrap(), &b"ping"[..])
+    );
+    assert_eq!(
+        (d2, p2.as_slice()),
+        ("127.0.0.1:8".parse().unwrap(), &b"ping2"[..])
+    );
     s.udp_from_host(t(1), f1, "198.51.100.1:7".parse().unwrap(), b"pong");
     s.udp_from_host(t(1), f1, "198.51.100.9:99".parse().unwrap(), b"other");
     s.udp_from_host(t(1), f1, "127.0.0.1:8".parse().unwrap(), b"loop");
@@ -391,12 +483,26 @@ fn udp_nat_replies_from_two_remotes() {
         .map(|f| {
             let ip = Ipv4::parse(&f[ETH_HDR..]).unwrap();
             let u = Udp::parse(&ip).unwrap();
-            (SocketAddrV4::new(ip.src, u.src_port), SocketAddrV4::new(ip.dst, u.dst_port), u.payload.to_vec())
+            (
+                SocketAddrV4::new(ip.src, u.src_port),
+                SocketAddrV4::new(ip.dst, u.dst_port),
+                u.payload.to_vec(),
+            )
         })
         .collect();
-    assert_eq!(got[0], ("198.51.100.1:7".parse().unwrap(), guest, b"pong".to_vec()));
-    assert_eq!(got[1], ("198.51.100.9:99".parse().unwrap(), guest, b"other".to_vec()));
-    assert_eq!(got[2], ("192.168.65.2:8".parse().unwrap(), guest, b"loop".to_vec()), "loopback appears as the host alias");
+    assert_eq!(
+        got[0],
+        ("198.51.100.1:7".parse().unwrap(), guest, b"pong".to_vec())
+    );
+    assert_eq!(
+        got[1],
+        ("198.51.100.9:99".parse().unwrap(), guest, b"other".to_vec())
+    );
+    assert_eq!(
+        got[2],
+        ("192.168.65.2:8".parse().unwrap(), guest, b"loop".to_vec()),
+        "loopback appears as the host alias"
+    );
     // Idle expiry closes the host socket.
     s.poll(t(61_000));
     assert_eq!(drain_cmds(&mut s), vec![Cmd::UdpClose(f1)]);
@@ -410,7 +516,10 @@ fn udp_flow_cap_evicts_oldest() {
     let mut s = Stack::new(cfg, Rng::seed_from_u64(1), t(0)).unwrap();
     let dst = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 7);
     for (i, port) in [5000u16, 5001, 5002].into_iter().enumerate() {
-        s.handle_frame(t(i as i64), &udp_frame(SocketAddrV4::new(guest_ip(), port), dst, b"x"));
+        s.handle_frame(
+            t(i as i64),
+            &udp_frame(SocketAddrV4::new(guest_ip(), port), dst, b"x"),
+        );
     }
     s.poll(t(3));
     let cmds = drain_cmds(&mut s);
@@ -424,19 +533,32 @@ fn ping_identifier_round_trip_and_gateway_answers_itself() {
     let mut s = stack();
     let dst = Ipv4Addr::new(192, 168, 65, 2);
     let mut p = vec![0; wire::IPV4_HDR + wire::ICMP_HDR + 4];
-    let echo = IcmpEcho { request: true, ident: 0x4242, seq: 3, data: b"abcd" };
+    let echo = IcmpEcho {
+        request: true,
+        ident: 0x4242,
+        seq: 3,
+        data: b"abcd",
+    };
     wire::emit_icmp_echo(&mut p, guest_ip(), dst, &echo, 1);
     s.handle_frame(t(0), &eth(ETHERTYPE_IPV4, &p, gw_mac()));
     s.poll(t(0));
     let cmds = drain_cmds(&mut s);
-    let [Cmd::Ping(flow, to, 3, ref data)] = cmds[..] else { panic!("{cmds:?}") };
-    assert_eq!((to, data.as_slice()), (IpAddr::V4(Ipv4Addr::LOCALHOST), &b"abcd"[..]));
+    let [Cmd::Ping(flow, to, 3, ref data)] = cmds[..] else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!(
+        (to, data.as_slice()),
+        (IpAddr::V4(Ipv4Addr::LOCALHOST), &b"abcd"[..])
+    );
     assert!(drain_frames(&mut s).is_empty(), "no forged reply");
     s.ping_reply(t(1), flow, 3, b"abcd");
     let frames = drain_frames(&mut s);
     let ip = Ipv4::parse(&frames[0][ETH_HDR..]).unwrap();
     let r = IcmpEcho::parse(&ip).unwrap().unwrap();
-    assert_eq!((ip.src, ip.dst, r.request, r.ident, r.seq, r.data), (dst, guest_ip(), false, 0x4242, 3, &b"abcd"[..]));
+    assert_eq!(
+        (ip.src, ip.dst, r.request, r.ident, r.seq, r.data),
+        (dst, guest_ip(), false, 0x4242, 3, &b"abcd"[..])
+    );
 
     wire::emit_icmp_echo(&mut p, guest_ip(), Ipv4Addr::new(192, 168, 65, 1), &echo, 1);
     s.handle_frame(t(2), &eth(ETHERTYPE_IPV4, &p, gw_mac()));
@@ -468,7 +590,11 @@ fn arp_answers_gateway_and_host_alias_only() {
     for (f, ip) in frames.iter().zip([[192, 168, 65, 1], [192, 168, 65, 2]]) {
         assert_eq!(&f[0..6], &GUEST_MAC);
         assert_eq!(&f[12..14], &[0x08, 0x06]);
-        assert_eq!(&f[ETH_HDR + 14..ETH_HDR + 18], &ip, "sender protocol address");
+        assert_eq!(
+            &f[ETH_HDR + 14..ETH_HDR + 18],
+            &ip,
+            "sender protocol address"
+        );
         assert_eq!(&f[ETH_HDR + 8..ETH_HDR + 14], &gw_mac());
     }
 }
@@ -481,7 +607,10 @@ fn dhcp_dora_through_frames() {
     for mac_last in [0x10u8, 0x11] {
         let mac = [0x02, 0, 0, 0, 0, mac_last];
         let mut addr = None;
-        for (mt, xid) in [(DhcpMessageType::Discover, 1u32), (DhcpMessageType::Request, 2)] {
+        for (mt, xid) in [
+            (DhcpMessageType::Discover, 1u32),
+            (DhcpMessageType::Request, 2),
+        ] {
             let repr = DhcpRepr {
                 message_type: mt,
                 transaction_id: xid,
@@ -506,9 +635,18 @@ fn dhcp_dora_through_frames() {
                 additional_options: &[],
             };
             let mut payload = vec![0; repr.buffer_len()];
-            repr.emit(&mut DhcpPacket::new_unchecked(&mut payload[..])).unwrap();
+            repr.emit(&mut DhcpPacket::new_unchecked(&mut payload[..]))
+                .unwrap();
             let mut p = vec![0; wire::IPV4_HDR + wire::UDP_HDR + payload.len()];
-            wire::emit_udp(&mut p, Ipv4Addr::UNSPECIFIED, 68, Ipv4Addr::BROADCAST, 67, &payload, 1);
+            wire::emit_udp(
+                &mut p,
+                Ipv4Addr::UNSPECIFIED,
+                68,
+                Ipv4Addr::BROADCAST,
+                67,
+                &payload,
+                1,
+            );
             let mut f = vec![0; ETH_HDR + p.len()];
             crate::device::write_eth(&mut f, [0xff; 6], mac, ETHERTYPE_IPV4);
             f[ETH_HDR..].copy_from_slice(&p);
@@ -517,24 +655,41 @@ fn dhcp_dora_through_frames() {
             assert_eq!(frames.len(), 1, "one reply to {mt:?}");
             let ip = Ipv4::parse(&frames[0][ETH_HDR..]).unwrap();
             let udp = Udp::parse(&ip).unwrap();
-            assert_eq!((ip.src, udp.src_port, udp.dst_port), (Ipv4Addr::new(192, 168, 65, 1), 67, 68));
+            assert_eq!(
+                (ip.src, udp.src_port, udp.dst_port),
+                (Ipv4Addr::new(192, 168, 65, 1), 67, 68)
+            );
             let packet = DhcpPacket::new_checked(udp.payload).unwrap();
             let reply = DhcpRepr::parse(&packet).unwrap();
-            let want = if mt == DhcpMessageType::Discover { DhcpMessageType::Offer } else { DhcpMessageType::Ack };
+            let want = if mt == DhcpMessageType::Discover {
+                DhcpMessageType::Offer
+            } else {
+                DhcpMessageType::Ack
+            };
             assert_eq!(reply.message_type, want);
             assert_eq!(reply.router, Some(Ipv4Addr::new(192, 168, 65, 1)));
             addr = Some(reply.your_ip);
         }
         leases.push(addr.unwrap());
     }
-    assert_eq!(leases, vec![Ipv4Addr::new(192, 168, 65, 3), Ipv4Addr::new(192, 168, 65, 4)]);
+    assert_eq!(
+        leases,
+        vec![
+            Ipv4Addr::new(192, 168, 65, 3),
+            Ipv4Addr::new(192, 168, 65, 4)
+        ]
+    );
     assert_eq!(s.leases().count(), 2);
 }
 
 #[test]
 fn malformed_input_is_counted_and_dropped() {
     let mut s = stack();
-    let good = udp_frame(SocketAddrV4::new(guest_ip(), 1), SocketAddrV4::new(Ipv4Addr::new(1, 2, 3, 4), 2), b"x");
+    let good = udp_frame(
+        SocketAddrV4::new(guest_ip(), 1),
+        SocketAddrV4::new(Ipv4Addr::new(1, 2, 3, 4), 2),
+        b"x",
+    );
     // Every truncation of a good frame, a bad IP checksum, a bad UDP checksum, an unknown
     // ethertype, a frame for another MAC: all dropped and counted, none relayed.
     for cut in 0..good.len() {
@@ -575,8 +730,14 @@ fn tcp_flow_limit_refuses_with_rst() {
     cfg.tcp.max_pending_connects = 1;
     let mut s = Stack::new(cfg, Rng::seed_from_u64(1), t(0)).unwrap();
     let dst = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 80);
-    s.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(guest_ip(), 1), dst, 1, 0, SYN, &[]));
-    s.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(guest_ip(), 2), dst, 1, 0, SYN, &[]));
+    s.handle_frame(
+        t(0),
+        &tcp_frame(SocketAddrV4::new(guest_ip(), 1), dst, 1, 0, SYN, &[]),
+    );
+    s.handle_frame(
+        t(0),
+        &tcp_frame(SocketAddrV4::new(guest_ip(), 2), dst, 1, 0, SYN, &[]),
+    );
     s.poll(t(0));
     assert_eq!(drain_cmds(&mut s).len(), 1);
     let segs = tcp_segments(&drain_frames(&mut s));
@@ -592,8 +753,12 @@ fn connect_timeout_resets_guest_and_aborts_host() {
     let c = Conn::new(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 80));
     s.handle_frame(t(0), &c.syn());
     s.poll(t(0));
-    let [Cmd::Connect(flow, _)] = drain_cmds(&mut s)[..] else { panic!() };
-    let deadline = s.poll_timeout().expect("a deadline for the pending connect");
+    let [Cmd::Connect(flow, _)] = drain_cmds(&mut s)[..] else {
+        panic!()
+    };
+    let deadline = s
+        .poll_timeout()
+        .expect("a deadline for the pending connect");
     assert_eq!(deadline, t(30_000));
     s.poll(deadline);
     assert_eq!(drain_cmds(&mut s), vec![Cmd::Abort(flow)]);
@@ -616,5 +781,9 @@ fn same_seed_same_output() {
         drain_frames(&mut s)
     };
     assert_eq!(run(1), run(1));
-    assert_ne!(run(1), run(2), "the seed reaches the initial sequence numbers");
+    assert_ne!(
+        run(1),
+        run(2),
+        "the seed reaches the initial sequence numbers"
+    );
 }

@@ -180,7 +180,14 @@ impl<'a> IcmpEcho<'a> {
 
 /// Write a 20-byte IPv4 header (DF set, TTL 64) into `buf[..20]` for a packet of
 /// `total_len` bytes.
-pub fn emit_ipv4_header(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, total_len: usize, ident: u16) {
+pub fn emit_ipv4_header(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    total_len: usize,
+    ident: u16,
+) {
     buf[0] = 0x45;
     buf[1] = 0;
     buf[2..4].copy_from_slice(&(total_len as u16).to_be_bytes());
@@ -196,7 +203,15 @@ pub fn emit_ipv4_header(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, protocol: 
 }
 
 /// Write IPv4 + UDP headers and `payload` into `buf` (exactly `IPV4_HDR + UDP_HDR + payload.len()`).
-pub fn emit_udp(buf: &mut [u8], src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8], ident: u16) {
+pub fn emit_udp(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+    ident: u16,
+) {
     let udp_len = UDP_HDR + payload.len();
     emit_ipv4_header(buf, src, dst, PROTO_UDP, IPV4_HDR + udp_len, ident);
     let seg = &mut buf[IPV4_HDR..IPV4_HDR + udp_len];
@@ -214,7 +229,13 @@ pub fn emit_udp(buf: &mut [u8], src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport:
 }
 
 /// Write IPv4 + ICMP echo (request or reply) into `buf`.
-pub fn emit_icmp_echo(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, echo: &IcmpEcho<'_>, ident: u16) {
+pub fn emit_icmp_echo(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    echo: &IcmpEcho<'_>,
+    ident: u16,
+) {
     let len = ICMP_HDR + echo.data.len();
     emit_ipv4_header(buf, src, dst, PROTO_ICMP, IPV4_HDR + len, ident);
     let m = &mut buf[IPV4_HDR..IPV4_HDR + len];
@@ -234,7 +255,14 @@ pub fn icmp_frag_needed_len(original: &[u8]) -> usize {
     IPV4_HDR + ICMP_HDR + original.len().min(IPV4_HDR + 8 + 40)
 }
 
-pub fn emit_icmp_frag_needed(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, mtu: u16, original: &[u8], ident: u16) {
+pub fn emit_icmp_frag_needed(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    mtu: u16,
+    original: &[u8],
+    ident: u16,
+) {
     let quoted = &original[..original.len().min(IPV4_HDR + 8 + 40)];
     let len = ICMP_HDR + quoted.len();
     emit_ipv4_header(buf, src, dst, PROTO_ICMP, IPV4_HDR + len, ident);
@@ -250,7 +278,15 @@ pub fn emit_icmp_frag_needed(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, mtu: 
 }
 
 /// Write IPv4 + a bare TCP RST answering a segment (RFC 793 reset generation).
-pub fn emit_tcp_rst(buf: &mut [u8], src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, answering: &TcpPorts, ident: u16) {
+pub fn emit_tcp_rst(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    answering: &TcpPorts,
+    ident: u16,
+) {
     emit_ipv4_header(buf, src, dst, PROTO_TCP, IPV4_HDR + TCP_HDR, ident);
     let seg = &mut buf[IPV4_HDR..IPV4_HDR + TCP_HDR];
     seg.fill(0);
@@ -259,7 +295,8 @@ pub fn emit_tcp_rst(buf: &mut [u8], src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dp
     let (seq, ack, flags) = if answering.ack_flag {
         (answering.ack, 0, 0x04)
     } else {
-        let seg_len = answering.payload_len as u32 + u32::from(answering.syn) + u32::from(answering.fin);
+        let seg_len =
+            answering.payload_len as u32 + u32::from(answering.syn) + u32::from(answering.fin);
         (0, answering.seq.wrapping_add(seg_len), 0x14)
     };
     seg[4..8].copy_from_slice(&seq.to_be_bytes());
@@ -284,7 +321,10 @@ mod tests {
         let ip = Ipv4::parse(&buf).unwrap();
         assert_eq!((ip.src, ip.dst, ip.protocol), (src, dst, PROTO_UDP));
         let udp = Udp::parse(&ip).unwrap();
-        assert_eq!((udp.src_port, udp.dst_port, udp.payload), (1000, 53, &b"hello"[..]));
+        assert_eq!(
+            (udp.src_port, udp.dst_port, udp.payload),
+            (1000, 53, &b"hello"[..])
+        );
         buf[IPV4_HDR + UDP_HDR] ^= 1;
         let ip = Ipv4::parse(&buf).unwrap();
         assert_eq!(Udp::parse(&ip).unwrap_err(), DropReason::BadChecksum);
@@ -295,7 +335,14 @@ mod tests {
     #[test]
     fn ipv4_rejects_bad_lengths_and_fragments() {
         let mut buf = vec![0; IPV4_HDR + 8];
-        emit_ipv4_header(&mut buf, Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, PROTO_UDP, 28, 1);
+        emit_ipv4_header(
+            &mut buf,
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::LOCALHOST,
+            PROTO_UDP,
+            28,
+            1,
+        );
         for cut in 0..IPV4_HDR {
             assert!(Ipv4::parse(&buf[..cut]).is_err());
         }

@@ -1,0 +1,518 @@
+//! The one driver loop: it joins a [`Stack`] to a frame transport and to the host network.
+//! Written once, generic over [`HostNet`], so the simulator runs this very loop over
+//! turmoil's sockets.
+//!
+//! TCP flows are polled in place: each host stream gets a waker of its own that queues
+//! the flow's id, and bytes move straight between the kernel socket and smoltcp's buffers
+//! (`poll_read` into the send buffer, `poll_write` from the receive buffer): no task, no
+//! channel and no copy per segment. UDP and ping sockets get a small task each, since a
+//! NAT entry's traffic is datagrams rather than a stream.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use usernet_core::{ConnectError, FlowId, HostCommand, Instant, Stack};
+
+use crate::hostnet::{HostNet, HostPing, HostUdp};
+use crate::transport::FrameTransport;
+
+/// Bytes queued towards the guest before the loop stops draining the core and flushes.
+const TX_HIGH_WATER: usize = 256 * 1024;
+/// Datagrams queued per UDP flow towards its host socket before new ones are dropped.
+const UDP_QUEUE: usize = 256;
+/// Host events taken per loop turn before the guest side gets its turn again.
+const EVENT_BATCH: usize = 64;
+
+/// What the host side reports back to the loop.
+enum Event<T> {
+    Connected(FlowId, io::Result<T>),
+    Udp(FlowId, SocketAddr, Vec<u8>),
+    Ping(FlowId, u16, Vec<u8>),
+}
+
+/// Flow ids whose host socket became ready, and the loop's waker.
+#[derive(Default)]
+struct ReadyQueue {
+    inner: Mutex<(Vec<FlowId>, Option<Waker>)>,
+}
+
+impl ReadyQueue {
+    fn push(&self, id: FlowId) {
+        let mut g = self.inner.lock().expect("not poisoned");
+        g.0.push(id);
+        if let Some(w) = g.1.take() {
+            w.wake();
+        }
+    }
+    fn take(&self, into: &mut Vec<FlowId>) {
+        let mut g = self.inner.lock().expect("not poisoned");
+        into.append(&mut g.0);
+    }
+    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut g = self.inner.lock().expect("not poisoned");
+        if g.0.is_empty() {
+            g.1 = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+}
+
+struct FlowWaker {
+    id: FlowId,
+    queue: Arc<ReadyQueue>,
+}
+
+impl Wake for FlowWaker {
+    fn wake(self: Arc<Self>) {
+        self.queue.push(self.id);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.queue.push(self.id);
+    }
+}
+
+struct TcpIo<S> {
+    stream: S,
+    waker: Waker,
+    shutdown_wanted: bool,
+    write_shut: bool,
+    read_eof: bool,
+}
+
+struct UdpIo {
+    tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+}
+
+struct PingIo {
+    tx: mpsc::Sender<(IpAddr, u16, Vec<u8>)>,
+}
+
+/// Counters of the driver itself (the core keeps its own).
+#[derive(Clone, Debug, Default)]
+pub struct DriverStats {
+    pub connects_ok: u64,
+    pub connects_failed: u64,
+    pub udp_dropped: u64,
+    pub ping_unavailable: u64,
+}
+
+/// The loop's state apart from the core and the transport.
+pub struct Driver<N: HostNet> {
+    net: N,
+    start: tokio::time::Instant,
+    tcp: BTreeMap<FlowId, TcpIo<N::Tcp>>,
+    pending_connects: BTreeSet<FlowId>,
+    udp: BTreeMap<FlowId, UdpIo>,
+    pings: BTreeMap<FlowId, PingIo>,
+    ready: Arc<ReadyQueue>,
+    ready_ids: Vec<FlowId>,
+    events_tx: mpsc::Sender<Event<N::Tcp>>,
+    events_rx: mpsc::Receiver<Event<N::Tcp>>,
+    pub stats: DriverStats,
+}
+
+impl<N: HostNet> Driver<N> {
+    pub fn new(net: N) -> Self {
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        Driver {
+            net,
+            start: tokio::time::Instant::now(),
+            tcp: BTreeMap::new(),
+            pending_connects: BTreeSet::new(),
+            udp: BTreeMap::new(),
+            pings: BTreeMap::new(),
+            ready: Arc::default(),
+            ready_ids: Vec::new(),
+            events_tx,
+            events_rx,
+            stats: DriverStats::default(),
+        }
+    }
+
+    /// The core's clock: time since the driver started, from tokio's clock (which the
+    /// simulator controls).
+    pub fn now(&self) -> Instant {
+        Instant::from_micros((tokio::time::Instant::now() - self.start).as_micros() as i64)
+    }
+
+    /// The instant the core's clock calls `t`, on tokio's clock.
+    fn tokio_instant(&self, t: Instant) -> tokio::time::Instant {
+        self.start + std::time::Duration::from_micros(t.total_micros().max(0) as u64)
+    }
+
+    /// Host sockets open (TCP, UDP, ping), for leak checks.
+    pub fn open_sockets(&self) -> usize {
+        self.tcp.len() + self.pending_connects.len() + self.udp.len() + self.pings.len()
+    }
+
+    /// Serve `transport` until the guest side ends or `stop` completes.
+    pub async fn run<T: FrameTransport>(
+        &mut self,
+        stack: &mut Stack,
+        transport: &mut T,
+        stop: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            self.settle(stack, transport)?;
+            if transport.pending() > 0 {
+                transport.flush().await?;
+                // Flushing took time and made room: drain the rest before sleeping.
+                self.settle(stack, transport)?;
+                if transport.pending() > 0 {
+                    transport.flush().await?;
+                }
+            }
+            let deadline = stack.poll_timeout().map(|t| self.tokio_instant(t));
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ready = self.ready.clone();
+            tokio::select! {
+                biased;
+                _ = &mut stop => return Ok(()),
+                r = transport.recv() => {
+                    if !r? {
+                        return Ok(());
+                    }
+                    let now = self.now();
+                    while let Some(frame) = transport.next_frame() {
+                        stack.handle_frame(now, frame);
+                    }
+                }
+                ev = self.events_rx.recv() => {
+                    if let Some(ev) = ev {
+                        self.handle_event(stack, ev);
+                    }
+                }
+                _ = poll_fn(|cx| ready.poll_ready(cx)) => {}
+                _ = sleep => {}
+            }
+            // Whatever woke us, give every source its turn so none starves under load.
+            for _ in 0..EVENT_BATCH {
+                match self.events_rx.try_recv() {
+                    Ok(ev) => self.handle_event(stack, ev),
+                    Err(_) => break,
+                }
+            }
+            self.service_ready(stack);
+        }
+    }
+
+    /// Run the core and carry out its commands until nothing more comes out (bounded),
+    /// queueing frames for the guest up to the high-water mark.
+    fn settle<T: FrameTransport>(
+        &mut self,
+        stack: &mut Stack,
+        transport: &mut T,
+    ) -> io::Result<()> {
+        for _ in 0..8 {
+            stack.poll(self.now());
+            let mut did = false;
+            while let Some(cmd) = stack.poll_command() {
+                did = true;
+                // A command borrows the stack, so flows it wants serviced are queued and
+                // serviced right after.
+                self.command(cmd);
+            }
+            if self.service_ready_now(stack) {
+                did = true;
+            }
+            while transport.pending() < TX_HIGH_WATER {
+                let Some(frame) = stack.peek_frame() else {
+                    break;
+                };
+                transport.send_frame(frame)?;
+                stack.pop_frame();
+            }
+            if !did {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, cmd: HostCommand<'_>) {
+        match cmd {
+            HostCommand::TcpConnect { flow, dst } => {
+                self.pending_connects.insert(flow);
+                let fut = self.net.tcp_connect(dst);
+                let tx = self.events_tx.clone();
+                tokio::spawn(async move {
+                    let r = fut.await;
+                    let _ = tx.send(Event::Connected(flow, r)).await;
+                });
+            }
+            HostCommand::TcpReady { flow } => self.ready_ids.push(flow),
+            HostCommand::TcpShutdownWrite { flow } => {
+                if let Some(io) = self.tcp.get_mut(&flow) {
+                    io.shutdown_wanted = true;
+                    self.ready_ids.push(flow);
+                }
+            }
+            HostCommand::TcpClose { flow } => {
+                self.pending_connects.remove(&flow);
+                self.tcp.remove(&flow);
+            }
+            HostCommand::TcpAbort { flow } => {
+                self.pending_connects.remove(&flow);
+                if let Some(io) = self.tcp.remove(&flow) {
+                    self.net.tcp_abort(io.stream);
+                }
+            }
+            HostCommand::UdpSend { flow, dst, payload } => self.udp_send(flow, dst, payload),
+            HostCommand::UdpClose { flow } => {
+                self.udp.remove(&flow);
+            }
+            HostCommand::PingSend {
+                flow,
+                dst,
+                seq,
+                payload,
+            } => self.ping_send(flow, dst, seq, payload),
+            HostCommand::PingClose { flow } => {
+                self.pings.remove(&flow);
+            }
+        }
+    }
+
+    fn handle_event(&mut self, stack: &mut Stack, ev: Event<N::Tcp>) {
+        let now = self.now();
+        match ev {
+            Event::Connected(flow, r) => {
+                if !self.pending_connects.remove(&flow) {
+                    // The core gave up on this connect (timeout, guest reset) meanwhile.
+                    if let Ok(s) = r {
+                        self.net.tcp_abort(s);
+                    }
+                    return;
+                }
+                match r {
+                    Ok(stream) => {
+                        self.stats.connects_ok += 1;
+                        let waker = Waker::from(Arc::new(FlowWaker {
+                            id: flow,
+                            queue: self.ready.clone(),
+                        }));
+                        self.tcp.insert(
+                            flow,
+                            TcpIo {
+                                stream,
+                                waker,
+                                shutdown_wanted: false,
+                                write_shut: false,
+                                read_eof: false,
+                            },
+                        );
+                        stack.tcp_connected(now, flow);
+                        // Start reading at once: servers that speak first (SSH, SMTP) must
+                        // reach the guest without the guest sending anything.
+                        self.ready_ids.push(flow);
+                    }
+                    Err(e) => {
+                        self.stats.connects_failed += 1;
+                        tracing::debug!(%flow, error = %e, "host connect failed");
+                        stack.tcp_connect_failed(now, flow, connect_error(&e));
+                    }
+                }
+            }
+            Event::Udp(flow, from, data) => stack.udp_from_host(now, flow, from, &data),
+            Event::Ping(flow, seq, data) => stack.ping_reply(now, flow, seq, &data),
+        }
+    }
+
+    fn service_ready(&mut self, stack: &mut Stack) {
+        self.ready.take(&mut self.ready_ids);
+        self.service_ready_now(stack);
+    }
+
+    /// Service every queued flow; true if there were any.
+    fn service_ready_now(&mut self, stack: &mut Stack) -> bool {
+        if self.ready_ids.is_empty() {
+            return false;
+        }
+        let mut ids = std::mem::take(&mut self.ready_ids);
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids.drain(..) {
+            self.service_tcp(stack, id);
+        }
+        self.ready_ids = ids;
+        true
+    }
+
+    /// Move what can be moved between one host stream and the core, registering the
+    /// flow's waker wherever the stream is not ready.
+    fn service_tcp(&mut self, stack: &mut Stack, flow: FlowId) {
+        let Some(io) = self.tcp.get_mut(&flow) else {
+            return;
+        };
+        let waker = io.waker.clone();
+        let mut cx = Context::from_waker(&waker);
+        // Guest to host.
+        loop {
+            let data = stack.tcp_to_host(flow);
+            if data.is_empty() {
+                break;
+            }
+            match Pin::new(&mut io.stream).poll_write(&mut cx, data) {
+                Poll::Ready(Ok(n)) if n > 0 => stack.tcp_consume_to_host(flow, n),
+                Poll::Ready(Ok(_)) | Poll::Ready(Err(_)) => {
+                    self.reset(stack, flow);
+                    return;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if io.shutdown_wanted && !io.write_shut && stack.tcp_to_host(flow).is_empty() {
+            match Pin::new(&mut io.stream).poll_shutdown(&mut cx) {
+                Poll::Ready(_) => io.write_shut = true,
+                Poll::Pending => {}
+            }
+        }
+        // Host to guest, as far as the flow's send buffer has room.
+        while !io.read_eof {
+            let r = stack.tcp_from_host(flow, |buf| {
+                let mut rb = ReadBuf::new(buf);
+                match Pin::new(&mut io.stream).poll_read(&mut cx, &mut rb) {
+                    Poll::Ready(Ok(())) => (rb.filled().len(), Some(Ok(rb.filled().len()))),
+                    Poll::Ready(Err(e)) => (0, Some(Err(e))),
+                    Poll::Pending => (0, None),
+                }
+            });
+            match r {
+                None | Some(None) => break,
+                Some(Some(Ok(0))) => {
+                    io.read_eof = true;
+                    stack.tcp_host_eof(flow);
+                }
+                Some(Some(Ok(_))) => {}
+                Some(Some(Err(_))) => {
+                    self.reset(stack, flow);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn reset(&mut self, stack: &mut Stack, flow: FlowId) {
+        if let Some(io) = self.tcp.remove(&flow) {
+            self.net.tcp_abort(io.stream);
+        }
+        stack.tcp_host_reset(flow);
+    }
+
+    fn udp_send(&mut self, flow: FlowId, dst: SocketAddr, payload: &[u8]) {
+        if let Some(io) = self.udp.get(&flow) {
+            if io.tx.try_send((dst, payload.to_vec())).is_err() {
+                self.stats.udp_dropped += 1;
+            }
+            return;
+        }
+        let (tx, mut rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(UDP_QUEUE);
+        let _ = tx.try_send((dst, payload.to_vec()));
+        self.udp.insert(flow, UdpIo { tx });
+        let bind = self.net.udp_bind(dst);
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let socket = match bind.await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%flow, error = %e, "udp bind failed");
+                    return;
+                }
+            };
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    biased;
+                    out = rx.recv() => match out {
+                        Some((dst, data)) => {
+                            let _ = socket.send_to(&data, dst).await;
+                        }
+                        // The core closed the flow.
+                        None => return,
+                    },
+                    r = socket.recv_from(&mut buf) => match r {
+                        Ok((n, from)) => {
+                            if events.send(Event::Udp(flow, from, buf[..n].to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::debug!(%flow, error = %e, "udp receive failed"),
+                    },
+                }
+            }
+        });
+    }
+
+    fn ping_send(&mut self, flow: FlowId, dst: IpAddr, seq: u16, payload: &[u8]) {
+        if let Some(io) = self.pings.get(&flow) {
+            let _ = io.tx.try_send((dst, seq, payload.to_vec()));
+            return;
+        }
+        let socket = match self.net.ping_open(dst) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                if self.stats.ping_unavailable == 0 {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot open an ICMP echo socket: guest pings get no reply \
+                         (allow them with sysctl net.ipv4.ping_group_range)"
+                    );
+                }
+                self.stats.ping_unavailable += 1;
+                return;
+            }
+        };
+        let (tx, mut rx) = mpsc::channel::<(IpAddr, u16, Vec<u8>)>(64);
+        let _ = tx.try_send((dst, seq, payload.to_vec()));
+        self.pings.insert(flow, PingIo { tx });
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    biased;
+                    out = rx.recv() => match out {
+                        Some((dst, seq, data)) => {
+                            let _ = socket.send(dst, seq, &data);
+                        }
+                        None => return,
+                    },
+                    r = socket.recv(&mut buf) => match r {
+                        Ok((seq, n)) => {
+                            if events.send(Event::Ping(flow, seq, buf[..n].to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+    }
+}
+
+fn connect_error(e: &io::Error) -> ConnectError {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+        io::ErrorKind::TimedOut => ConnectError::TimedOut,
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            ConnectError::Unreachable
+        }
+        _ => ConnectError::Other,
+    }
+}

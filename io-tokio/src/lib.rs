@@ -1,0 +1,15 @@
+//! usernet's I/O side: the driver loop that joins the sans-IO core to frame transports
+//! (TAP, QEMU stream) and to the host network, plus the daemon's command line.
+
+pub mod cli;
+pub mod driver;
+pub mod hostnet;
+pub mod netns;
+pub mod ping;
+pub mod stream;
+pub mod tap;
+pub mod transport;
+
+pub use driver::Driver;
+pub use hostnet::{HostNet, TokioNet};
+pub use transport::FrameTransport;

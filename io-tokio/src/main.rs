@@ -1,0 +1,161 @@
+//! The `usernet` daemon.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rand_chacha::rand_core::SeedableRng;
+use usernet::cli::{Cli, CliError, Command};
+use usernet::netns::{spawn_in_new_netns, NetnsSetup};
+use usernet::stream::{self, StreamTransport};
+use usernet::tap::{open_tap, TapTransport};
+use usernet::{Driver, FrameTransport, TokioNet};
+use usernet_core::{Config, Rng, Stack};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("usernet: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("usernet: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn seed(fixed: Option<u64>) -> u64 {
+    fixed.unwrap_or_else(|| {
+        let mut b = [0u8; 8];
+        // The daemon (not the core) may use the OS's randomness.
+        if std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .is_err()
+        {
+            b = (std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+        }
+        u64::from_le_bytes(b)
+    })
+}
+
+fn new_stack(config: Config, seed: u64, driver: &Driver<TokioNet>) -> Result<Stack, CliError> {
+    Stack::new(config, Rng::seed_from_u64(seed), driver.now())
+        .map_err(|e| CliError(format!("bad configuration: {e}")))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn serve_transport<T: FrameTransport>(
+    config: Config,
+    seed: u64,
+    transport: &mut T,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), CliError> {
+    let mut driver = Driver::new(TokioNet);
+    let mut stack = new_stack(config, seed, &driver)?;
+    let r = driver.run(&mut stack, transport, stop).await;
+    tracing::info!(stats = ?stack.stats(), driver = ?driver.stats, "stopped");
+    r.map_err(|e| CliError(format!("guest link failed: {e}")))
+}
+
+async fn serve(command: Command) -> Result<ExitCode, CliError> {
+    let net = command.net().clone();
+    let config = net.config(command.default_mtu())?;
+    let seed = seed(net.seed);
+    tracing::info!(
+        subnet = %config.subnet, gateway = %config.gateway, host_alias = ?config.host_alias,
+        mtu = config.mtu, dns = ?config.dns_forward, "usernet starting"
+    );
+    match command {
+        Command::Tap { netns, tap, .. } => {
+            let fd = open_tap(netns.as_deref(), &tap).map_err(|e| CliError(e.to_string()))?;
+            let mut transport =
+                TapTransport::new(fd).map_err(|e| CliError(format!("tap {tap}: {e}")))?;
+            serve_transport(config, seed, &mut transport, terminated()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stream { socket, .. } => {
+            let listener = stream::bind(&socket, net.listen_backlog)
+                .map_err(|e| CliError(format!("cannot listen on {}: {e}", socket.display())))?;
+            tracing::info!(path = %socket.display(), "waiting for a VMM (-netdev stream)");
+            let mut transport = StreamTransport::new(listener);
+            serve_transport(config, seed, &mut transport, terminated()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            tap,
+            no_configure,
+            cmd,
+            ..
+        } => {
+            let setup = NetnsSetup {
+                tap_name: tap.clone(),
+                mtu: u32::from(config.mtu),
+                guest_addr: (!no_configure)
+                    .then_some((config.first_guest, config.subnet.prefix_len())),
+                gateway: (!no_configure).then_some(config.gateway),
+            };
+            let mut sandbox =
+                spawn_in_new_netns(&setup, &cmd).map_err(|e| CliError(e.to_string()))?;
+            let fd = sandbox
+                .take_tap()
+                .ok_or_else(|| CliError("the namespace did not hand over its tap".into()))?;
+            let mut transport =
+                TapTransport::new(fd).map_err(|e| CliError(format!("tap {tap}: {e}")))?;
+            let mut status = None;
+            let child = async {
+                tokio::select! {
+                    s = sandbox.wait() => status = Some(s),
+                    _ = terminated() => {}
+                }
+            };
+            serve_transport(config, seed, &mut transport, child).await?;
+            match status {
+                Some(Ok(s)) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let code = s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+                    Ok(ExitCode::from(code as u8))
+                }
+                Some(Err(e)) => Err(CliError(format!("cannot wait for the command: {e}"))),
+                None => {
+                    let _ = sandbox.kill();
+                    Ok(ExitCode::from(130))
+                }
+            }
+        }
+    }
+}
