@@ -140,31 +140,7 @@ impl Stack {
         let mut frames = FrameQueue::default();
         let neighbors = Neighbors::default();
         let mut stats = Stats::default();
-        let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ip);
-        iface_cfg.random_seed = rng.next_u64();
-        let mut device = GuestDevice {
-            rx: None,
-            tx: &mut frames,
-            neighbors: &neighbors,
-            stats: &mut stats,
-            gateway_mac: config.gateway_mac,
-            mtu: usize::from(config.mtu),
-        };
-        let mut iface = Interface::new(iface_cfg, &mut device, now);
-        // smoltcp accepts packets for any address whose route leads through one of its own
-        // addresses ("any IP"): that is how it terminates guest connections to the whole
-        // internet. The gateway is its address and the default route.
-        iface.set_any_ip(true);
-        iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(
-                config.gateway.into(),
-                config.subnet.prefix_len(),
-            ));
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(config.gateway)
-            .expect("the route table has room for one route");
+        let iface = Self::build_iface(&config, &mut rng, &mut frames, &neighbors, &mut stats, now);
         let mut reserved = vec![config.gateway];
         reserved.extend(config.host_alias);
         let dhcp = DhcpServer::new(DhcpServerConfig {
@@ -277,6 +253,13 @@ impl Stack {
             ETHERTYPE_IPV4 => {
                 let ip = Ipv4::parse(payload)?;
                 if ip.packet.len() > usize::from(self.config.mtu) {
+                    // Path MTU discovery for the guest: it sent more than the link carries
+                    // now (the MTU may have shrunk under it). A DF packet is answered with
+                    // "fragmentation needed" naming the MTU, as a router would.
+                    if ip.dont_frag && !ip.src.is_unspecified() {
+                        self.neighbors.learn(ip.src, src);
+                        self.send_frag_needed(&ip);
+                    }
                     return Err(DropReason::TooBig);
                 }
                 if !ip.src.is_unspecified() {
@@ -381,6 +364,73 @@ impl Stack {
             write_eth(f, mac, gw, ETHERTYPE_IPV4);
             fill(&mut f[ETH_HDR..]);
         });
+    }
+
+    fn send_frag_needed(&mut self, ip: &Ipv4<'_>) {
+        let len = wire::icmp_frag_needed_len(ip.packet);
+        let ident = self.next_ident();
+        let (gw, dst, mtu) = (self.config.gateway, ip.src, self.config.mtu);
+        let original = ip.packet;
+        self.push_ip(dst, len, |b| {
+            wire::emit_icmp_frag_needed(b, gw, dst, mtu, original, ident)
+        });
+    }
+
+    /// Change the guest link's MTU while running (the link was renegotiated, or the
+    /// operator learnt it is smaller). smoltcp reads the MTU once, at interface creation,
+    /// so the interface is rebuilt; sockets live apart from it and keep their state, and
+    /// their next segments (retransmissions included) fit the new MTU.
+    pub fn set_mtu(&mut self, now: Instant, mtu: u16) -> Result<(), ConfigError> {
+        let mut config = self.config.clone();
+        config.mtu = mtu;
+        config.validate()?;
+        self.config = config;
+        self.iface = Self::build_iface(
+            &self.config,
+            &mut self.rng,
+            &mut self.frames,
+            &self.neighbors,
+            &mut self.stats,
+            now,
+        );
+        self.all_dirty = true;
+        Ok(())
+    }
+
+    fn build_iface(
+        config: &Config,
+        rng: &mut Rng,
+        frames: &mut FrameQueue,
+        neighbors: &Neighbors,
+        stats: &mut Stats,
+        now: Instant,
+    ) -> Interface {
+        let mut iface_cfg = IfaceConfig::new(HardwareAddress::Ip);
+        iface_cfg.random_seed = rng.next_u64();
+        let mut device = GuestDevice {
+            rx: None,
+            tx: frames,
+            neighbors,
+            stats,
+            gateway_mac: config.gateway_mac,
+            mtu: usize::from(config.mtu),
+        };
+        let mut iface = Interface::new(iface_cfg, &mut device, now);
+        // smoltcp accepts packets for any address whose route leads through one of its own
+        // addresses ("any IP"): that is how it terminates guest connections to the whole
+        // internet. The gateway is its address and the default route.
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(
+                config.gateway.into(),
+                config.subnet.prefix_len(),
+            ));
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(config.gateway)
+            .expect("the route table has room for one route");
+        iface
     }
 
     // ---------------------------------------------------------------- DHCP

@@ -787,3 +787,52 @@ fn same_seed_same_output() {
         "the seed reaches the initial sequence numbers"
     );
 }
+
+#[test]
+fn mtu_shrink_shrinks_segments_and_answers_big_guest_packets() {
+    let mut s = stack();
+    let mut now = 0;
+    let (flow, mut c) = established(&mut s, &mut now);
+    s.tcp_from_host(flow, |b| (3000.min(b.len()), ()));
+    s.poll(t(now));
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert!(
+        segs.iter().any(|s| s.payload.len() == 1460),
+        "full-size segments at MTU 1500"
+    );
+    c.ack = c.ack.wrapping_add(3000);
+    s.handle_frame(t(now), &c.send(ACK, &[]));
+    s.set_mtu(t(now), 1280).unwrap();
+    s.tcp_from_host(flow, |b| (3000.min(b.len()), ()));
+    s.poll(t(now));
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert!(!segs.is_empty());
+    assert!(
+        segs.iter().all(|s| s.payload.len() <= 1240),
+        "segments fit the new MTU"
+    );
+    // The guest, not told, still sends 1400-byte packets with DF: it learns the MTU.
+    let big = c.send(ACK, &[1u8; 1360]);
+    s.handle_frame(t(now), &big);
+    s.poll(t(now));
+    let frames = drain_frames(&mut s);
+    let icmp: Vec<_> = frames
+        .iter()
+        .filter_map(|f| {
+            let ip = Ipv4::parse(&f[ETH_HDR..]).ok()?;
+            (ip.protocol == wire::PROTO_ICMP).then(|| ip.payload().to_vec())
+        })
+        .collect();
+    assert_eq!(icmp.len(), 1);
+    assert_eq!((icmp[0][0], icmp[0][1]), (3, 4), "fragmentation needed");
+    assert_eq!(u16::from_be_bytes([icmp[0][6], icmp[0][7]]), 1280);
+    assert_eq!(checksum::data(&icmp[0]), !0);
+    // The quoted header names the guest's packet.
+    assert_eq!(&icmp[0][8 + 12..8 + 16], &guest_ip().octets());
+    assert_eq!(s.stats().dropped(DropReason::TooBig), 1);
+    assert_eq!(
+        s.tcp_flows()[0].to_host_queued,
+        0,
+        "the oversized segment was not taken"
+    );
+}
