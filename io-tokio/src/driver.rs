@@ -8,7 +8,7 @@
 //! channel and no copy per segment. UDP and ping sockets get a small task each, since a
 //! NAT entry's traffic is datagrams rather than a stream.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use usernet_core::{ConnectError, FlowId, HostCommand, Instant, Stack};
 
-use crate::hostnet::{HostNet, HostPing, HostUdp};
+use crate::hostnet::{BoxFuture, HostNet, HostPing, HostUdp};
 use crate::transport::FrameTransport;
 
 /// Bytes queued towards the guest before the loop stops draining the core and flushes.
@@ -31,8 +31,7 @@ const UDP_QUEUE: usize = 256;
 const EVENT_BATCH: usize = 64;
 
 /// What the host side reports back to the loop.
-enum Event<T> {
-    Connected(FlowId, io::Result<T>),
+enum Event {
     Udp(FlowId, SocketAddr, Vec<u8>),
     Ping(FlowId, u16, Vec<u8>),
 }
@@ -110,13 +109,16 @@ pub struct Driver<N: HostNet> {
     net: N,
     start: tokio::time::Instant,
     tcp: BTreeMap<FlowId, TcpIo<N::Tcp>>,
-    pending_connects: BTreeSet<FlowId>,
+    /// Host connects in progress, polled in place with the flow's waker.
+    pending_connects: BTreeMap<FlowId, (BoxFuture<io::Result<N::Tcp>>, Waker)>,
+    /// Connects that finished while a command borrowed the stack.
+    connected: Vec<(FlowId, io::Result<N::Tcp>, Waker)>,
     udp: BTreeMap<FlowId, UdpIo>,
     pings: BTreeMap<FlowId, PingIo>,
     ready: Arc<ReadyQueue>,
     ready_ids: Vec<FlowId>,
-    events_tx: mpsc::Sender<Event<N::Tcp>>,
-    events_rx: mpsc::Receiver<Event<N::Tcp>>,
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
     pub stats: DriverStats,
 }
 
@@ -127,7 +129,8 @@ impl<N: HostNet> Driver<N> {
             net,
             start: tokio::time::Instant::now(),
             tcp: BTreeMap::new(),
-            pending_connects: BTreeSet::new(),
+            pending_connects: BTreeMap::new(),
+            connected: Vec::new(),
             udp: BTreeMap::new(),
             pings: BTreeMap::new(),
             ready: Arc::default(),
@@ -151,7 +154,7 @@ impl<N: HostNet> Driver<N> {
 
     /// Host sockets open (TCP, UDP, ping), for leak checks.
     pub fn open_sockets(&self) -> usize {
-        self.tcp.len() + self.pending_connects.len() + self.udp.len() + self.pings.len()
+        self.tcp.len() + self.pending_connects.len() + self.connected.len() + self.udp.len() + self.pings.len()
     }
 
     /// Serve `transport` until the guest side ends or `stop` completes.
@@ -162,6 +165,8 @@ impl<N: HostNet> Driver<N> {
         stop: impl Future<Output = ()>,
     ) -> io::Result<()> {
         let mut stop = std::pin::pin!(stop);
+        let mut sleep = Box::pin(tokio::time::sleep_until(tokio::time::Instant::now()));
+        let mut armed: Option<tokio::time::Instant> = None;
         loop {
             self.settle(stack, transport)?;
             if transport.pending() > 0 {
@@ -173,12 +178,19 @@ impl<N: HostNet> Driver<N> {
                 }
             }
             let deadline = stack.poll_timeout().map(|t| self.tokio_instant(t));
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
+            // The timer is re-armed only when the core needs an earlier wake-up: moving a
+            // tokio timer earlier costs a driver unpark (an eventfd write and an extra
+            // epoll round), and the delayed-ACK deadline moves with every request. A later
+            // deadline leaves the timer as it is: it fires early, the loop finds nothing
+            // due and re-arms.
+            match (deadline, armed) {
+                (Some(d), Some(a)) if a <= d => {}
+                (Some(d), _) => {
+                    sleep.as_mut().reset(d);
+                    armed = Some(d);
                 }
-            };
+                (None, _) => {}
+            }
             let ready = self.ready.clone();
             tokio::select! {
                 biased;
@@ -198,7 +210,7 @@ impl<N: HostNet> Driver<N> {
                     }
                 }
                 _ = poll_fn(|cx| ready.poll_ready(cx)) => {}
-                _ = sleep => {}
+                _ = sleep.as_mut(), if armed.is_some() => armed = None,
             }
             // Whatever woke us, give every source its turn so none starves under load.
             for _ in 0..EVENT_BATCH {
@@ -247,13 +259,16 @@ impl<N: HostNet> Driver<N> {
     fn command(&mut self, cmd: HostCommand<'_>) {
         match cmd {
             HostCommand::TcpConnect { flow, dst } => {
-                self.pending_connects.insert(flow);
-                let fut = self.net.tcp_connect(dst);
-                let tx = self.events_tx.clone();
-                tokio::spawn(async move {
-                    let r = fut.await;
-                    let _ = tx.send(Event::Connected(flow, r)).await;
-                });
+                // Polled in place rather than spawned: no task and no channel hop per
+                // connection, and the flow's waker is the one its stream keeps.
+                let waker = Waker::from(Arc::new(FlowWaker { id: flow, queue: self.ready.clone() }));
+                let mut fut = self.net.tcp_connect(dst);
+                match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
+                    Poll::Ready(r) => self.connected.push((flow, r, waker)),
+                    Poll::Pending => {
+                        self.pending_connects.insert(flow, (fut, waker));
+                    }
+                }
             }
             HostCommand::TcpReady { flow } => self.ready_ids.push(flow),
             HostCommand::TcpShutdownWrite { flow } => {
@@ -264,10 +279,12 @@ impl<N: HostNet> Driver<N> {
             }
             HostCommand::TcpClose { flow } => {
                 self.pending_connects.remove(&flow);
+                self.connected.retain(|(f, ..)| *f != flow);
                 self.tcp.remove(&flow);
             }
             HostCommand::TcpAbort { flow } => {
                 self.pending_connects.remove(&flow);
+                self.connected.retain(|(f, ..)| *f != flow);
                 if let Some(io) = self.tcp.remove(&flow) {
                     self.net.tcp_abort(io.stream);
                 }
@@ -288,48 +305,31 @@ impl<N: HostNet> Driver<N> {
         }
     }
 
-    fn handle_event(&mut self, stack: &mut Stack, ev: Event<N::Tcp>) {
+    fn handle_event(&mut self, stack: &mut Stack, ev: Event) {
         let now = self.now();
         match ev {
-            Event::Connected(flow, r) => {
-                if !self.pending_connects.remove(&flow) {
-                    // The core gave up on this connect (timeout, guest reset) meanwhile.
-                    if let Ok(s) = r {
-                        self.net.tcp_abort(s);
-                    }
-                    return;
-                }
-                match r {
-                    Ok(stream) => {
-                        self.stats.connects_ok += 1;
-                        let waker = Waker::from(Arc::new(FlowWaker {
-                            id: flow,
-                            queue: self.ready.clone(),
-                        }));
-                        self.tcp.insert(
-                            flow,
-                            TcpIo {
-                                stream,
-                                waker,
-                                shutdown_wanted: false,
-                                write_shut: false,
-                                read_eof: false,
-                            },
-                        );
-                        stack.tcp_connected(now, flow);
-                        // Start reading at once: servers that speak first (SSH, SMTP) must
-                        // reach the guest without the guest sending anything.
-                        self.ready_ids.push(flow);
-                    }
-                    Err(e) => {
-                        self.stats.connects_failed += 1;
-                        tracing::debug!(%flow, error = %e, "host connect failed");
-                        stack.tcp_connect_failed(now, flow, connect_error(&e));
-                    }
-                }
-            }
             Event::Udp(flow, from, data) => stack.udp_from_host(now, flow, from, &data),
             Event::Ping(flow, seq, data) => stack.ping_reply(now, flow, seq, &data),
+        }
+    }
+
+    /// A host connect finished.
+    fn connect_done(&mut self, stack: &mut Stack, flow: FlowId, r: io::Result<N::Tcp>, waker: Waker) {
+        let now = self.now();
+        match r {
+            Ok(stream) => {
+                self.stats.connects_ok += 1;
+                self.tcp.insert(flow, TcpIo { stream, waker, shutdown_wanted: false, write_shut: false, read_eof: false });
+                stack.tcp_connected(now, flow);
+                // Start reading at once: servers that speak first (SSH, SMTP) must reach
+                // the guest without the guest sending anything.
+                self.ready_ids.push(flow);
+            }
+            Err(e) => {
+                self.stats.connects_failed += 1;
+                tracing::debug!(%flow, error = %e, "host connect failed");
+                stack.tcp_connect_failed(now, flow, connect_error(&e));
+            }
         }
     }
 
@@ -340,13 +340,24 @@ impl<N: HostNet> Driver<N> {
 
     /// Service every queued flow; true if there were any.
     fn service_ready_now(&mut self, stack: &mut Stack) -> bool {
+        let connected = !self.connected.is_empty();
+        for (flow, r, waker) in std::mem::take(&mut self.connected) {
+            self.connect_done(stack, flow, r, waker);
+        }
         if self.ready_ids.is_empty() {
-            return false;
+            return connected;
         }
         let mut ids = std::mem::take(&mut self.ready_ids);
         ids.sort_unstable();
         ids.dedup();
         for id in ids.drain(..) {
+            if let Some((fut, waker)) = self.pending_connects.get_mut(&id) {
+                if let Poll::Ready(r) = fut.as_mut().poll(&mut Context::from_waker(waker)) {
+                    let (_, waker) = self.pending_connects.remove(&id).expect("present");
+                    self.connect_done(stack, id, r, waker);
+                }
+                continue;
+            }
             self.service_tcp(stack, id);
         }
         self.ready_ids = ids;

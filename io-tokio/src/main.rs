@@ -36,10 +36,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(cli.command)) {
-        Ok(code) => code,
-        Err(e) => {
+    // The loop runs as a spawned task rather than as the runtime's main future: a task
+    // woken by an I/O event on the runtime's own thread is queued locally, while waking
+    // the main future always costs an eventfd write (one syscall per host event).
+    match runtime.block_on(async { tokio::spawn(serve(cli.command)).await }) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("usernet: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("usernet: internal error: {e}");
             ExitCode::FAILURE
         }
     }
