@@ -718,8 +718,11 @@ impl Stack {
             Some(DropReason::TcpFlowLimit)
         } else if self.tcp_pending >= self.config.tcp.max_pending_connects {
             Some(DropReason::TcpPendingLimit)
-        } else if ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias {
-            // No TCP service on the gateway yet: refuse at once.
+        } else if (ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias)
+            || seg.dst_port == 0
+            || seg.src_port == 0
+        {
+            // No TCP service on the gateway yet, and port 0 is no port: refuse at once.
             Some(DropReason::TcpRejected)
         } else {
             None
@@ -782,7 +785,6 @@ impl Stack {
         };
         let syn = std::mem::take(syn);
         let key = f.key;
-        self.tcp_pending -= 1;
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; self.config.tcp.rx_buffer]),
             tcp::SocketBuffer::new(vec![0; self.config.tcp.tx_buffer]),
@@ -803,6 +805,7 @@ impl Stack {
         }
         let handle = self.sockets.add(socket);
         f.phase = Phase::Open { handle };
+        self.tcp_pending -= 1;
         self.feed_smoltcp(now, &syn);
         let state = self.sockets.get::<tcp::Socket>(handle).state();
         if state != tcp::State::SynReceived {

@@ -836,3 +836,18 @@ fn mtu_shrink_shrinks_segments_and_answers_big_guest_packets() {
         "the oversized segment was not taken"
     );
 }
+
+/// Found by the fuzzer: a SYN to port 0 used to reach `listen`, which refuses port 0, and
+/// the failure path decremented the pending-connect count twice (overflow panic).
+#[test]
+fn syn_to_port_zero_is_refused_without_a_connect() {
+    let mut s = stack();
+    let dst = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 0);
+    s.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(guest_ip(), 1234), dst, 1, 0, SYN, &[]));
+    s.poll(t(0));
+    assert!(drain_cmds(&mut s).is_empty());
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert!(segs[0].p.rst);
+    assert_eq!(s.stats().dropped(DropReason::TcpRejected), 1);
+    assert_eq!(s.tcp_flow_count(), 0);
+}
