@@ -567,22 +567,32 @@ impl Stack {
             }
         };
         let ip_len = wire::IPV4_HDR + wire::UDP_HDR + payload.len();
-        if ip_len > usize::from(self.config.mtu) {
+        let ident = self.next_ident();
+        if ip_len <= usize::from(self.config.mtu) {
+            self.push_ip(*guest.ip(), ip_len, |b| {
+                wire::emit_udp(b, *src.ip(), src.port(), *guest.ip(), guest.port(), payload, ident)
+            });
+            return;
+        }
+        // Larger than the guest link: fragment, as a router would (a DNS answer over 1472
+        // bytes on a 1500-byte link is the common case).
+        if ip_len > 65535 {
             self.stats.drop(DropReason::HostTooBig);
             return;
         }
-        let ident = self.next_ident();
-        self.push_ip(*guest.ip(), ip_len, |b| {
-            wire::emit_udp(
-                b,
-                *src.ip(),
-                src.port(),
-                *guest.ip(),
-                guest.port(),
-                payload,
-                ident,
-            )
-        });
+        let mut seg = std::mem::take(&mut self.scratch);
+        seg.clear();
+        seg.resize(wire::UDP_HDR + payload.len(), 0);
+        wire::emit_udp_segment(&mut seg, *src.ip(), src.port(), *guest.ip(), guest.port(), payload);
+        let step = (usize::from(self.config.mtu) - wire::IPV4_HDR) & !7;
+        for (i, chunk) in seg.chunks(step).enumerate() {
+            let offset = i * step;
+            let more = offset + chunk.len() < seg.len();
+            self.push_ip(*guest.ip(), wire::IPV4_HDR + chunk.len(), |b| {
+                wire::emit_ipv4_fragment(b, *src.ip(), *guest.ip(), wire::PROTO_UDP, ident, offset, more, chunk)
+            });
+        }
+        self.scratch = seg;
     }
 
     /// The address a host-side peer appears as to the guest.

@@ -214,7 +214,14 @@ pub fn emit_udp(
 ) {
     let udp_len = UDP_HDR + payload.len();
     emit_ipv4_header(buf, src, dst, PROTO_UDP, IPV4_HDR + udp_len, ident);
-    let seg = &mut buf[IPV4_HDR..IPV4_HDR + udp_len];
+    emit_udp_segment(&mut buf[IPV4_HDR..], src, sport, dst, dport, payload);
+}
+
+/// Write the UDP header and payload (the IP payload of a UDP packet) into `seg`, with the
+/// checksum over the IPv4 pseudo-header.
+pub fn emit_udp_segment(seg: &mut [u8], src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) {
+    let udp_len = UDP_HDR + payload.len();
+    let seg = &mut seg[..udp_len];
     seg[0..2].copy_from_slice(&sport.to_be_bytes());
     seg[2..4].copy_from_slice(&dport.to_be_bytes());
     seg[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
@@ -226,6 +233,35 @@ pub fn emit_udp(
         sum = 0xffff;
     }
     seg[6..8].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Write one IPv4 fragment: a header for `chunk` at byte `offset` (a multiple of 8) of
+/// the original payload, with "more fragments" unless it is the last.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_ipv4_fragment(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    ident: u16,
+    offset: usize,
+    more: bool,
+    chunk: &[u8],
+) {
+    buf[0] = 0x45;
+    buf[1] = 0;
+    buf[2..4].copy_from_slice(&((IPV4_HDR + chunk.len()) as u16).to_be_bytes());
+    buf[4..6].copy_from_slice(&ident.to_be_bytes());
+    let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+    buf[6..8].copy_from_slice(&flags.to_be_bytes());
+    buf[8] = 64;
+    buf[9] = protocol;
+    buf[10..12].fill(0);
+    buf[12..16].copy_from_slice(&src.octets());
+    buf[16..20].copy_from_slice(&dst.octets());
+    let sum = !checksum::data(&buf[..IPV4_HDR]);
+    buf[10..12].copy_from_slice(&sum.to_be_bytes());
+    buf[IPV4_HDR..IPV4_HDR + chunk.len()].copy_from_slice(chunk);
 }
 
 /// Write IPv4 + ICMP echo (request or reply) into `buf`.

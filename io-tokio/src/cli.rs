@@ -102,6 +102,15 @@ pub struct NetArgs {
     /// Do not relay DNS at all.
     #[arg(long, conflicts_with = "dns")]
     pub no_dns: bool,
+    /// Domain name handed out by DHCP (option 15).
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+    /// A domain for the DHCP search list (option 119); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub search: Vec<String>,
+    /// DHCP lease time in seconds.
+    #[arg(long, default_value_t = 7200, value_name = "SECONDS")]
+    pub lease_time: u64,
     /// Backlog of every listening socket usernet creates.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub listen_backlog: u32,
@@ -164,6 +173,12 @@ impl NetArgs {
             c.last_guest = ip;
         }
         c.mtu = self.mtu.unwrap_or(default_mtu);
+        c.dhcp.domain_name = self.domain.clone();
+        c.dhcp.search = self.search.clone();
+        if self.lease_time == 0 {
+            return Err(CliError("--lease-time must be at least 1 second".into()));
+        }
+        c.dhcp.lease_time = usernet_core::Duration::from_secs(self.lease_time);
         c.dns_forward = if self.no_dns {
             None
         } else if let Some(d) = &self.dns {

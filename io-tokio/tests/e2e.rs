@@ -11,6 +11,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1225,14 +1226,18 @@ fn probe_download_stall() {
     if skip() {
         return;
     }
+
     let stall: u64 = std::env::var("STALL_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
-    let mut tb = Testbed::start();
+    let mut tb = Testbed::with(Opts { extra: vec!["--no-dns".into(), "-vv".into()], ..Opts::default() });
     let down_l = tb.host.tcp_listener(4);
     let down_port = down_l.local_addr().unwrap().port();
     let down_srv = std::thread::spawn(move || {
         let (mut s, _) = down_l.accept().unwrap();
         timeouts(&s, SHORT);
-        let r = send_stream(&mut s, 99, 1 << 20);
+        let d: u64 = std::env::var("SRV_DELAY_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(d));
+        let size: u64 = std::env::var("SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20);
+        let r = send_stream(&mut s, 99, size);
         eprintln!("server wrote: {r:?}");
         r
     });
@@ -1240,10 +1245,19 @@ fn probe_download_stall() {
         let mut s = TcpStream::connect_timeout(&alias(down_port), SHORT).unwrap();
         timeouts(&s, Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(stall));
-        recv_stream(&mut s)
+        let mut n = 0;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(n),
+                Ok(k) => n += k,
+                Err(e) => return Err((n, e)),
+            }
+        }
     });
     let got = join_timeout(down_cli, LONG, "download client");
     eprintln!("guest got {got:?}");
     let _ = join_timeout(down_srv, LONG, "download server");
+    tb.daemon.stop();
     eprintln!("{}", tb.daemon.log_text());
 }
