@@ -15,6 +15,8 @@ use usernet_core::{Config, Rng, Stack};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.verbose {
+        // `run` is a wrapper around a command: it stays quiet unless something is wrong.
+        0 if matches!(cli.command, Command::Run { .. }) => "warn",
         0 => "info",
         1 => "debug",
         _ => "trace",
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
