@@ -25,14 +25,11 @@ use crate::transport::FrameTransport;
 
 /// Bytes queued towards the guest before the loop stops draining the core and flushes.
 const TX_HIGH_WATER: usize = 256 * 1024;
-/// Datagrams queued per UDP flow towards its host socket before new ones are dropped.
-const UDP_QUEUE: usize = 256;
 /// Host events taken per loop turn before the guest side gets its turn again.
 const EVENT_BATCH: usize = 64;
 
 /// What the host side reports back to the loop.
 enum Event {
-    Udp(FlowId, SocketAddr, Vec<u8>),
     Ping(FlowId, u16, Vec<u8>),
 }
 
@@ -87,9 +84,37 @@ struct TcpIo<S> {
     read_eof: bool,
 }
 
-struct UdpIo {
-    tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+/// A receive in progress on a UDP flow's socket; the buffer travels with it.
+type RecvFuture = BoxFuture<(io::Result<(usize, SocketAddr)>, Vec<u8>)>;
+
+enum UdpState<U> {
+    Binding(BoxFuture<io::Result<U>>),
+    Open { socket: Arc<U>, recv: RecvFuture },
+    Failed,
 }
+
+/// A UDP NAT entry's host socket, polled in place like the TCP streams: sends go out
+/// directly from the loop (`try_send_to`), receives complete with the flow's waker.
+struct UdpIo<U> {
+    state: UdpState<U>,
+    waker: Waker,
+    /// Datagrams waiting for the socket (still binding, or its send buffer was full).
+    queued: std::collections::VecDeque<(SocketAddr, Vec<u8>)>,
+    /// The send of the queue's head, waiting for the socket to become writable.
+    sending: Option<BoxFuture<io::Result<usize>>>,
+}
+
+fn recv_future<U: HostUdp>(socket: Arc<U>, mut buf: Vec<u8>) -> RecvFuture {
+    Box::pin(async move {
+        let r = socket.recv_from(&mut buf).await;
+        (r, buf)
+    })
+}
+
+/// Datagrams held per flow while its socket binds or cannot take more.
+const UDP_QUEUE: usize = 64;
+/// Datagrams taken from one UDP socket per service before others get their turn.
+const UDP_RECV_BATCH: usize = 64;
 
 struct PingIo {
     tx: mpsc::Sender<(IpAddr, u16, Vec<u8>)>,
@@ -113,7 +138,7 @@ pub struct Driver<N: HostNet> {
     pending_connects: BTreeMap<FlowId, (BoxFuture<io::Result<N::Tcp>>, Waker)>,
     /// Connects that finished while a command borrowed the stack.
     connected: Vec<(FlowId, io::Result<N::Tcp>, Waker)>,
-    udp: BTreeMap<FlowId, UdpIo>,
+    udp: BTreeMap<FlowId, UdpIo<N::Udp>>,
     pings: BTreeMap<FlowId, PingIo>,
     ready: Arc<ReadyQueue>,
     ready_ids: Vec<FlowId>,
@@ -308,7 +333,6 @@ impl<N: HostNet> Driver<N> {
     fn handle_event(&mut self, stack: &mut Stack, ev: Event) {
         let now = self.now();
         match ev {
-            Event::Udp(flow, from, data) => stack.udp_from_host(now, flow, from, &data),
             Event::Ping(flow, seq, data) => stack.ping_reply(now, flow, seq, &data),
         }
     }
@@ -358,8 +382,14 @@ impl<N: HostNet> Driver<N> {
                 }
                 continue;
             }
+            if self.udp.contains_key(&id) {
+                self.service_udp(stack, id);
+                continue;
+            }
             self.service_tcp(stack, id);
         }
+        // Keep what servicing queued again (a flow that just connected, a busy socket).
+        ids.append(&mut self.ready_ids);
         self.ready_ids = ids;
         true
     }
@@ -426,47 +456,95 @@ impl<N: HostNet> Driver<N> {
     }
 
     fn udp_send(&mut self, flow: FlowId, dst: SocketAddr, payload: &[u8]) {
-        if let Some(io) = self.udp.get(&flow) {
-            if io.tx.try_send((dst, payload.to_vec())).is_err() {
-                self.stats.udp_dropped += 1;
+        let io = match self.udp.get_mut(&flow) {
+            Some(io) => io,
+            None => {
+                let waker = Waker::from(Arc::new(FlowWaker { id: flow, queue: self.ready.clone() }));
+                let bind = self.net.udp_bind(dst);
+                let io = UdpIo { state: UdpState::Binding(bind), waker, queued: Default::default(), sending: None };
+                self.udp.insert(flow, io);
+                self.udp.get_mut(&flow).expect("just inserted")
             }
+        };
+        if let UdpState::Open { socket, .. } = &io.state {
+            if io.queued.is_empty() && io.sending.is_none() {
+                match socket.try_send_to(payload, dst) {
+                    Ok(_) => return,
+                    // Not known writable yet (a fresh socket) or its buffer is full: queue.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // UDP may drop, as a link would.
+                    Err(_) => {
+                        self.stats.udp_dropped += 1;
+                        return;
+                    }
+                }
+            }
+        }
+        if matches!(io.state, UdpState::Failed) || io.queued.len() >= UDP_QUEUE {
+            self.stats.udp_dropped += 1;
             return;
         }
-        let (tx, mut rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(UDP_QUEUE);
-        let _ = tx.try_send((dst, payload.to_vec()));
-        self.udp.insert(flow, UdpIo { tx });
-        let bind = self.net.udp_bind(dst);
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            let socket = match bind.await {
-                Ok(s) => s,
-                Err(e) => {
+        io.queued.push_back((dst, payload.to_vec()));
+        self.ready_ids.push(flow);
+    }
+
+    /// Bind a UDP flow's socket when due, send what waited for it, and hand received
+    /// datagrams to the core.
+    fn service_udp(&mut self, stack: &mut Stack, flow: FlowId) {
+        let now = self.now();
+        let Some(io) = self.udp.get_mut(&flow) else { return };
+        let mut cx = Context::from_waker(&io.waker);
+        if let UdpState::Binding(bind) = &mut io.state {
+            match bind.as_mut().poll(&mut cx) {
+                Poll::Pending => return,
+                Poll::Ready(Err(e)) => {
                     tracing::debug!(%flow, error = %e, "udp bind failed");
+                    self.stats.udp_dropped += io.queued.len() as u64;
+                    io.queued.clear();
+                    io.state = UdpState::Failed;
                     return;
                 }
-            };
-            let mut buf = vec![0u8; 65536];
-            loop {
-                tokio::select! {
-                    biased;
-                    out = rx.recv() => match out {
-                        Some((dst, data)) => {
-                            let _ = socket.send_to(&data, dst).await;
-                        }
-                        // The core closed the flow.
-                        None => return,
-                    },
-                    r = socket.recv_from(&mut buf) => match r {
-                        Ok((n, from)) => {
-                            if events.send(Event::Udp(flow, from, buf[..n].to_vec())).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => tracing::debug!(%flow, error = %e, "udp receive failed"),
-                    },
+                Poll::Ready(Ok(socket)) => {
+                    let socket = Arc::new(socket);
+                    let recv = recv_future(socket.clone(), vec![0u8; 65536]);
+                    io.state = UdpState::Open { socket, recv };
                 }
             }
-        });
+        }
+        let UdpState::Open { socket, recv } = &mut io.state else { return };
+        // Sends that had to wait, in order.
+        loop {
+            if io.sending.is_none() {
+                let Some((dst, data)) = io.queued.pop_front() else { break };
+                let socket = socket.clone();
+                io.sending = Some(Box::pin(async move { socket.send_to(&data, dst).await }));
+            }
+            let sending = io.sending.as_mut().expect("set above");
+            match sending.as_mut().poll(&mut cx) {
+                Poll::Pending => break,
+                Poll::Ready(r) => {
+                    if r.is_err() {
+                        self.stats.udp_dropped += 1;
+                    }
+                    io.sending = None;
+                }
+            }
+        }
+        for _ in 0..UDP_RECV_BATCH {
+            match recv.as_mut().poll(&mut cx) {
+                Poll::Pending => return,
+                Poll::Ready((r, buf)) => {
+                    match r {
+                        Ok((n, from)) => stack.udp_from_host(now, flow, from, &buf[..n]),
+                        // An ICMP error for an earlier send, surfaced on this socket.
+                        Err(e) => tracing::trace!(%flow, error = %e, "udp receive error"),
+                    }
+                    *recv = recv_future(socket.clone(), buf);
+                }
+            }
+        }
+        // More may be waiting: come back after the others had their turn.
+        self.ready_ids.push(flow);
     }
 
     fn ping_send(&mut self, flow: FlowId, dst: IpAddr, seq: u16, payload: &[u8]) {
