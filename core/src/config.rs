@@ -341,8 +341,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_layouts() {
-        let mut c = Config::default();
-        c.gateway = Ipv4Addr::new(10, 0, 0, 1);
+        let c = Config {
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+            ..Config::default()
+        };
         assert!(matches!(
             c.validate(),
             Err(ConfigError::OutsideSubnet { .. })
@@ -350,8 +352,10 @@ mod tests {
         let mut c = Config::default();
         c.gateway = c.first_guest;
         assert!(matches!(c.validate(), Err(ConfigError::Clash { .. })));
-        let mut c = Config::default();
-        c.mtu = 100;
+        let c = Config {
+            mtu: 100,
+            ..Config::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::Mtu(100)));
         assert!("10.0.2.0/33".parse::<Subnet>().is_err());
         assert_eq!(

@@ -843,7 +843,10 @@ fn mtu_shrink_shrinks_segments_and_answers_big_guest_packets() {
 fn syn_to_port_zero_is_refused_without_a_connect() {
     let mut s = stack();
     let dst = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 0);
-    s.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(guest_ip(), 1234), dst, 1, 0, SYN, &[]));
+    s.handle_frame(
+        t(0),
+        &tcp_frame(SocketAddrV4::new(guest_ip(), 1234), dst, 1, 0, SYN, &[]),
+    );
     s.poll(t(0));
     assert!(drain_cmds(&mut s).is_empty());
     let segs = tcp_segments(&drain_frames(&mut s));
@@ -859,7 +862,9 @@ fn large_udp_reply_is_fragmented_to_the_guest_mtu() {
     let remote = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 53);
     s.handle_frame(t(0), &udp_frame(guest, remote, b"q"));
     s.poll(t(0));
-    let [Cmd::UdpSend(flow, ..)] = drain_cmds(&mut s)[..] else { panic!() };
+    let [Cmd::UdpSend(flow, ..)] = drain_cmds(&mut s)[..] else {
+        panic!()
+    };
     let payload: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
     s.udp_from_host(t(1), flow, remote.into(), &payload);
     let frames = drain_frames(&mut s);
@@ -872,14 +877,27 @@ fn large_udp_reply_is_fragmented_to_the_guest_mtu() {
         let ip = &f[ETH_HDR..];
         assert_eq!(checksum::data(&ip[..20]), !0);
         let id = u16::from_be_bytes([ip[4], ip[5]]);
-        assert_eq!(*ident.get_or_insert(id), id, "one identifier for all fragments");
+        assert_eq!(
+            *ident.get_or_insert(id),
+            id,
+            "one identifier for all fragments"
+        );
         let fl = u16::from_be_bytes([ip[6], ip[7]]);
         let off = usize::from(fl & 0x1fff) * 8;
         let len = usize::from(u16::from_be_bytes([ip[2], ip[3]])) - 20;
         whole[off..off + len].copy_from_slice(&ip[20..20 + len]);
-        assert_eq!(fl & 0x2000 != 0, off + len < whole.len(), "MF on all but the last");
+        assert_eq!(
+            fl & 0x2000 != 0,
+            off + len < whole.len(),
+            "MF on all but the last"
+        );
     }
-    let pseudo = checksum::pseudo_header_v4(remote.ip(), &guest_ip(), IpProtocol::Udp, whole.len() as u32);
+    let pseudo = checksum::pseudo_header_v4(
+        remote.ip(),
+        &guest_ip(),
+        IpProtocol::Udp,
+        whole.len() as u32,
+    );
     assert_eq!(checksum::combine(&[pseudo, checksum::data(&whole)]), !0);
     assert_eq!(&whole[8..], &payload[..]);
 }

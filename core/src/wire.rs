@@ -219,7 +219,14 @@ pub fn emit_udp(
 
 /// Write the UDP header and payload (the IP payload of a UDP packet) into `seg`, with the
 /// checksum over the IPv4 pseudo-header.
-pub fn emit_udp_segment(seg: &mut [u8], src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) {
+pub fn emit_udp_segment(
+    seg: &mut [u8],
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+) {
     let udp_len = UDP_HDR + payload.len();
     let seg = &mut seg[..udp_len];
     seg[0..2].copy_from_slice(&sport.to_be_bytes());

@@ -84,6 +84,9 @@ struct TcpIo<S> {
     read_eof: bool,
 }
 
+/// A host connect in progress.
+type ConnectFuture<T> = BoxFuture<io::Result<T>>;
+
 /// A receive in progress on a UDP flow's socket; the buffer travels with it.
 type RecvFuture = BoxFuture<(io::Result<(usize, SocketAddr)>, Vec<u8>)>;
 
@@ -135,7 +138,7 @@ pub struct Driver<N: HostNet> {
     start: tokio::time::Instant,
     tcp: BTreeMap<FlowId, TcpIo<N::Tcp>>,
     /// Host connects in progress, polled in place with the flow's waker.
-    pending_connects: BTreeMap<FlowId, (BoxFuture<io::Result<N::Tcp>>, Waker)>,
+    pending_connects: BTreeMap<FlowId, (ConnectFuture<N::Tcp>, Waker)>,
     /// Connects that finished while a command borrowed the stack.
     connected: Vec<(FlowId, io::Result<N::Tcp>, Waker)>,
     udp: BTreeMap<FlowId, UdpIo<N::Udp>>,
@@ -179,7 +182,11 @@ impl<N: HostNet> Driver<N> {
 
     /// Host sockets open (TCP, UDP, ping), for leak checks.
     pub fn open_sockets(&self) -> usize {
-        self.tcp.len() + self.pending_connects.len() + self.connected.len() + self.udp.len() + self.pings.len()
+        self.tcp.len()
+            + self.pending_connects.len()
+            + self.connected.len()
+            + self.udp.len()
+            + self.pings.len()
     }
 
     /// Serve `transport` until the guest side ends or `stop` completes.
@@ -286,7 +293,10 @@ impl<N: HostNet> Driver<N> {
             HostCommand::TcpConnect { flow, dst } => {
                 // Polled in place rather than spawned: no task and no channel hop per
                 // connection, and the flow's waker is the one its stream keeps.
-                let waker = Waker::from(Arc::new(FlowWaker { id: flow, queue: self.ready.clone() }));
+                let waker = Waker::from(Arc::new(FlowWaker {
+                    id: flow,
+                    queue: self.ready.clone(),
+                }));
                 let mut fut = self.net.tcp_connect(dst);
                 match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
                     Poll::Ready(r) => self.connected.push((flow, r, waker)),
@@ -338,12 +348,27 @@ impl<N: HostNet> Driver<N> {
     }
 
     /// A host connect finished.
-    fn connect_done(&mut self, stack: &mut Stack, flow: FlowId, r: io::Result<N::Tcp>, waker: Waker) {
+    fn connect_done(
+        &mut self,
+        stack: &mut Stack,
+        flow: FlowId,
+        r: io::Result<N::Tcp>,
+        waker: Waker,
+    ) {
         let now = self.now();
         match r {
             Ok(stream) => {
                 self.stats.connects_ok += 1;
-                self.tcp.insert(flow, TcpIo { stream, waker, shutdown_wanted: false, write_shut: false, read_eof: false });
+                self.tcp.insert(
+                    flow,
+                    TcpIo {
+                        stream,
+                        waker,
+                        shutdown_wanted: false,
+                        write_shut: false,
+                        read_eof: false,
+                    },
+                );
                 stack.tcp_connected(now, flow);
                 // Start reading at once: servers that speak first (SSH, SMTP) must reach
                 // the guest without the guest sending anything.
@@ -459,9 +484,17 @@ impl<N: HostNet> Driver<N> {
         let io = match self.udp.get_mut(&flow) {
             Some(io) => io,
             None => {
-                let waker = Waker::from(Arc::new(FlowWaker { id: flow, queue: self.ready.clone() }));
+                let waker = Waker::from(Arc::new(FlowWaker {
+                    id: flow,
+                    queue: self.ready.clone(),
+                }));
                 let bind = self.net.udp_bind(dst);
-                let io = UdpIo { state: UdpState::Binding(bind), waker, queued: Default::default(), sending: None };
+                let io = UdpIo {
+                    state: UdpState::Binding(bind),
+                    waker,
+                    queued: Default::default(),
+                    sending: None,
+                };
                 self.udp.insert(flow, io);
                 self.udp.get_mut(&flow).expect("just inserted")
             }
@@ -492,7 +525,9 @@ impl<N: HostNet> Driver<N> {
     /// datagrams to the core.
     fn service_udp(&mut self, stack: &mut Stack, flow: FlowId) {
         let now = self.now();
-        let Some(io) = self.udp.get_mut(&flow) else { return };
+        let Some(io) = self.udp.get_mut(&flow) else {
+            return;
+        };
         let mut cx = Context::from_waker(&io.waker);
         if let UdpState::Binding(bind) = &mut io.state {
             match bind.as_mut().poll(&mut cx) {
@@ -511,11 +546,15 @@ impl<N: HostNet> Driver<N> {
                 }
             }
         }
-        let UdpState::Open { socket, recv } = &mut io.state else { return };
+        let UdpState::Open { socket, recv } = &mut io.state else {
+            return;
+        };
         // Sends that had to wait, in order.
         loop {
             if io.sending.is_none() {
-                let Some((dst, data)) = io.queued.pop_front() else { break };
+                let Some((dst, data)) = io.queued.pop_front() else {
+                    break;
+                };
                 let socket = socket.clone();
                 io.sending = Some(Box::pin(async move { socket.send_to(&data, dst).await }));
             }

@@ -3,7 +3,6 @@
 //! caller's group is in `net.ipv4.ping_group_range`; otherwise opening fails and the guest's
 //! pings go unanswered (never a forged reply).
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -103,11 +102,8 @@ impl HostPing for PingSocket {
         Ok(())
     }
 
-    fn recv<'a>(
-        &'a self,
-        buf: &'a mut [u8],
-    ) -> impl Future<Output = io::Result<(u16, usize)>> + Send + 'a {
-        async move {
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<(u16, usize)> {
+        {
             loop {
                 let mut guard = self.fd.readable().await?;
                 let r = guard.try_io(|fd| {
