@@ -103,39 +103,37 @@ impl HostPing for PingSocket {
     }
 
     async fn recv(&self, buf: &mut [u8]) -> io::Result<(u16, usize)> {
-        {
-            loop {
-                let mut guard = self.fd.readable().await?;
-                let r = guard.try_io(|fd| {
-                    // SAFETY: valid buffer for the duration of the call.
-                    let n = unsafe {
-                        libc::recv(
-                            fd.as_raw_fd(),
-                            buf.as_mut_ptr() as *mut libc::c_void,
-                            buf.len(),
-                            0,
-                        )
-                    };
-                    if n < 0 {
-                        Err(io::Error::last_os_error())
-                    } else {
-                        Ok(n as usize)
-                    }
-                });
-                match r {
-                    Ok(Ok(n)) if n >= 8 => {
-                        let reply_type = if self.v6 { 129 } else { 0 };
-                        if buf[0] != reply_type {
-                            continue;
-                        }
-                        let seq = u16::from_be_bytes([buf[6], buf[7]]);
-                        buf.copy_within(8..n, 0);
-                        return Ok((seq, n - 8));
-                    }
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(e)) => return Err(e),
-                    Err(_would_block) => continue,
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let r = guard.try_io(|fd| {
+                // SAFETY: valid buffer for the duration of the call.
+                let n = unsafe {
+                    libc::recv(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr() as *mut libc::c_void,
+                        buf.len(),
+                        0,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
                 }
+            });
+            match r {
+                Ok(Ok(n)) if n >= 8 => {
+                    let reply_type = if self.v6 { 129 } else { 0 };
+                    if buf[0] != reply_type {
+                        continue;
+                    }
+                    let seq = u16::from_be_bytes([buf[6], buf[7]]);
+                    buf.copy_within(8..n, 0);
+                    return Ok((seq, n - 8));
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
             }
         }
     }
