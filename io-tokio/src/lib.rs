@@ -1,8 +1,10 @@
 //! usernet's I/O side: the driver loop that joins the sans-IO core to frame transports
 //! (TAP, QEMU stream) and to the host network, plus the daemon's command line.
 
+pub mod api;
 pub mod cli;
 pub mod driver;
+pub mod forward;
 pub mod hostnet;
 pub mod netns;
 pub mod ping;
