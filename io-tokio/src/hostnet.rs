@@ -48,6 +48,39 @@ pub trait HostNet: Clone + Send + 'static {
     /// A UDP socket for a NAT entry whose first datagram goes to `first_dst`.
     fn udp_bind(&self, first_dst: SocketAddr) -> BoxFuture<io::Result<Self::Udp>>;
     fn ping_open(&self, dst: IpAddr) -> io::Result<Self::Ping>;
+
+    /// Listen for TCP connections on `addr` (a port forward). Host networks without
+    /// listeners answer `Unsupported`.
+    fn tcp_listen(&self, addr: SocketAddr, backlog: u32) -> io::Result<Box<dyn HostListener<Self::Tcp>>> {
+        let _ = (addr, backlog);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this host network has no TCP listeners"))
+    }
+
+    /// A UDP socket bound to `addr` (a UDP port forward).
+    fn udp_bind_at(&self, addr: SocketAddr) -> BoxFuture<io::Result<Self::Udp>> {
+        let _ = addr;
+        Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this host network cannot bind UDP")) })
+    }
+}
+
+/// A listening TCP socket on the host.
+pub trait HostListener<T>: Send + Sync + 'static {
+    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<(T, SocketAddr)>>;
+}
+
+impl HostListener<tokio::net::TcpStream> for tokio::net::TcpListener {
+    fn poll_accept(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<(tokio::net::TcpStream, SocketAddr)>> {
+        match tokio::net::TcpListener::poll_accept(self, cx) {
+            std::task::Poll::Ready(Ok((s, a))) => {
+                let _ = s.set_nodelay(true);
+                std::task::Poll::Ready(Ok((s, a)))
+            }
+            other => other,
+        }
+    }
 }
 
 /// The unspecified address of `dst`'s family, to bind a socket that reaches it.
@@ -108,6 +141,20 @@ impl HostNet for TokioNet {
 
     fn ping_open(&self, dst: IpAddr) -> io::Result<Self::Ping> {
         crate::ping::PingSocket::open(dst)
+    }
+
+    fn tcp_listen(&self, addr: SocketAddr, backlog: u32) -> io::Result<Box<dyn HostListener<Self::Tcp>>> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        Ok(Box::new(socket.listen(backlog)?))
+    }
+
+    fn udp_bind_at(&self, addr: SocketAddr) -> BoxFuture<io::Result<Self::Udp>> {
+        Box::pin(tokio::net::UdpSocket::bind(addr))
     }
 }
 
