@@ -45,6 +45,29 @@ pub enum ConnectError {
     Other,
 }
 
+/// Why a connection into the guest could not be opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundError {
+    /// The flow table is full.
+    FlowLimit,
+    /// A flow with the same addresses and ports exists.
+    Busy,
+    /// The guest address or port cannot be connected to (port 0, not unicast).
+    Unaddressable,
+}
+
+impl fmt::Display for InboundError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InboundError::FlowLimit => "the flow table is full",
+            InboundError::Busy => "a flow with the same addresses exists",
+            InboundError::Unaddressable => "the guest address or port cannot be connected to",
+        })
+    }
+}
+
+impl std::error::Error for InboundError {}
+
 /// Work for the host side. Borrowed payloads are valid until the next `poll_command`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HostCommand<'a> {
@@ -810,6 +833,87 @@ impl Stack {
             .poll_ingress_single(now, &mut device, &mut self.sockets);
     }
 
+    /// A host client connected to a forwarded port: open a TCP connection into the guest
+    /// at `guest`. The guest sees the client's own address as the source (a client on the
+    /// host's loopback appears as the host alias). Bytes then flow as for guest-opened
+    /// connections: `TcpReady` once the guest accepted, `TcpAbort` if it refuses.
+    pub fn tcp_open_inbound(
+        &mut self,
+        now: Instant,
+        guest: SocketAddrV4,
+        client: SocketAddr,
+    ) -> Result<FlowId, InboundError> {
+        self.last_now = now;
+        let remote = self.inbound_source(client)?;
+        if guest.port() == 0 || !self.unicast_dst(*guest.ip()) {
+            return Err(InboundError::Unaddressable);
+        }
+        if self.tcp.len() >= self.config.tcp.max_flows {
+            self.stats.drop(DropReason::TcpFlowLimit);
+            return Err(InboundError::FlowLimit);
+        }
+        let key = TcpKey { guest, dst: remote };
+        if self.tcp_by_key.contains_key(&key) {
+            return Err(InboundError::Busy);
+        }
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.config.tcp.rx_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.config.tcp.tx_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(self.config.tcp.ack_delay);
+        // Until the guest answers, the connect timeout; once established, the dead-guest
+        // timeout and keep-alives of guest-opened flows (see `service_tcp`).
+        socket.set_timeout(Some(self.config.tcp.connect_timeout));
+        let local = smoltcp::wire::IpListenEndpoint { addr: Some((*remote.ip()).into()), port: remote.port() };
+        socket
+            .connect(self.iface.context(), (*guest.ip(), guest.port()), local)
+            .map_err(|_| InboundError::Unaddressable)?;
+        if self.neighbors.get(*guest.ip()).is_none() {
+            // The SYN would be dropped for want of a MAC address: ask, and smoltcp's SYN
+            // retransmission finds the answer.
+            self.send_arp_request(*guest.ip());
+        }
+        let handle = self.sockets.add(socket);
+        let id = self.new_flow_id();
+        self.tcp.insert(id, TcpFlow::inbound(key, handle));
+        self.tcp_by_key.insert(key, id);
+        self.stats.tcp_flows_opened += 1;
+        self.dirty.push(id);
+        Ok(id)
+    }
+
+    /// The address a host client of a port forward appears as to the guest.
+    fn inbound_source(&self, client: SocketAddr) -> Result<SocketAddrV4, InboundError> {
+        let src = match self.guest_visible(client) {
+            Some(r) => r,
+            // An IPv6 client has no IPv4 face: it appears as the host alias.
+            None => match self.config.host_alias {
+                Some(alias) => SocketAddrV4::new(alias, client.port()),
+                None => return Err(InboundError::Unaddressable),
+            },
+        };
+        if src.port() == 0 || src.ip().is_unspecified() {
+            return Err(InboundError::Unaddressable);
+        }
+        Ok(src)
+    }
+
+    fn send_arp_request(&mut self, target: Ipv4Addr) {
+        let req = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(self.config.gateway_mac),
+            source_protocol_addr: self.config.gateway,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: target,
+        };
+        let gw = self.config.gateway_mac;
+        self.frames.push_with(ETH_HDR + req.buffer_len(), |f| {
+            write_eth(f, BROADCAST_MAC, gw, ETHERTYPE_ARP);
+            req.emit(&mut ArpPacket::new_unchecked(&mut f[ETH_HDR..]));
+        });
+    }
+
     /// The host connect for `flow` succeeded: the guest now gets its SYN-ACK.
     pub fn tcp_connected(&mut self, now: Instant, flow: FlowId) {
         self.last_now = now;
@@ -836,7 +940,7 @@ impl Stack {
         // (found by the simulator: scenarios/idle_connection.toml). They also end a flow
         // whose guest vanished in FIN-WAIT-2, where nothing else is outstanding.
         socket.set_timeout(Some(TCP_GUEST_TIMEOUT));
-        //TMP socket.set_keep_alive(Some(TCP_KEEP_ALIVE));
+        socket.set_keep_alive(Some(TCP_KEEP_ALIVE));
         let listen = smoltcp::wire::IpListenEndpoint {
             addr: Some((*key.dst.ip()).into()),
             port: key.dst.port(),
@@ -996,10 +1100,14 @@ impl Stack {
         let s = self.sockets.get_mut::<tcp::Socket>(handle);
         let state = s.state();
         let last = std::mem::replace(&mut f.last_state, state);
+        if f.inbound && state == tcp::State::Established && last != tcp::State::Established {
+            s.set_timeout(Some(TCP_GUEST_TIMEOUT));
+            s.set_keep_alive(Some(TCP_KEEP_ALIVE));
+        }
         let queued = s.recv_queue();
         // smoltcp keeps `may_recv` true while bytes are buffered, so this turns true only
         // once the guest's FIN arrived and everything before it was handed over.
-        if !s.may_recv() && !matches!(state, tcp::State::SynReceived | tcp::State::Listen) {
+        if !s.may_recv() && !matches!(state, tcp::State::SynReceived | tcp::State::SynSent | tcp::State::Listen) {
             f.guest_fin = true;
         }
         match state {

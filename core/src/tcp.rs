@@ -41,6 +41,8 @@ pub(crate) struct TcpFlow {
     pub ready_queued: bool,
     /// The smoltcp state seen at the last service, to tell a reset from a close.
     pub last_state: tcp::State,
+    /// Opened by the host (a port forward) rather than by a guest SYN.
+    pub inbound: bool,
 }
 
 impl TcpFlow {
@@ -54,6 +56,19 @@ impl TcpFlow {
             host_read_blocked: false,
             ready_queued: false,
             last_state: tcp::State::Listen,
+            inbound: false,
+        }
+    }
+
+    /// A flow the host opens into the guest: it starts with its socket.
+    pub fn inbound(key: TcpKey, handle: SocketHandle) -> Self {
+        TcpFlow {
+            phase: Phase::Open { handle },
+            // Host bytes wait until the guest accepted: tell the driver when room opens.
+            host_read_blocked: true,
+            inbound: true,
+            last_state: tcp::State::SynSent,
+            ..TcpFlow::new(key, Vec::new(), Instant::ZERO)
         }
     }
 

@@ -901,3 +901,121 @@ fn large_udp_reply_is_fragmented_to_the_guest_mtu() {
     assert_eq!(checksum::combine(&[pseudo, checksum::data(&whole)]), !0);
     assert_eq!(&whole[8..], &payload[..]);
 }
+
+/// Regression found by the simulator (scenarios/idle_connection.toml): smoltcp's socket
+/// timeout counts from the guest's last segment even on an idle connection, so every flow
+/// idle for 5 minutes was reset. Keep-alives keep a live guest's idle flow open, and still
+/// end the flow of a guest that went silent.
+#[test]
+fn idle_flow_survives_and_silent_guest_is_given_up() {
+    let mut s = stack();
+    let mut now = 0;
+    let (flow, mut c) = established(&mut s, &mut now);
+    let mut step = |s: &mut Stack, now: &mut i64, end: i64| {
+        let next = s.poll_timeout().map_or(end, |t| t.total_millis() as i64);
+        *now = next.clamp(*now + 1, end);
+        s.poll(t(*now));
+        tcp_segments(&drain_frames(s))
+    };
+    // Twenty idle minutes; the guest answers every keep-alive.
+    let end = now + 20 * 60 * 1000;
+    let mut probes = 0;
+    while now < end {
+        for seg in step(&mut s, &mut now, end) {
+            assert!(!seg.p.rst, "idle flow reset at {now} ms");
+            probes += 1;
+            s.handle_frame(t(now), &c.send(ACK, &[]));
+            s.poll(t(now));
+        }
+    }
+    assert!(probes > 0, "keep-alives were sent");
+    assert_eq!(s.tcp_flow_count(), 1);
+    assert!(!drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    // Now the guest is gone: the flow is given up and the host side reset.
+    let end = now + 15 * 60 * 1000;
+    let mut cmds = Vec::new();
+    while now < end && s.tcp_flow_count() > 0 {
+        step(&mut s, &mut now, end);
+        cmds.extend(drain_cmds(&mut s));
+    }
+    assert_eq!(s.tcp_flow_count(), 0);
+    assert!(cmds.contains(&Cmd::Abort(flow)), "{cmds:?}");
+}
+
+/// Learn the guest's MAC as an ARP exchange would.
+fn learn_guest(s: &mut Stack) {
+    let mut p = vec![0u8; 28];
+    let repr = smoltcp::wire::ArpRepr::EthernetIpv4 {
+        operation: smoltcp::wire::ArpOperation::Request,
+        source_hardware_addr: smoltcp::wire::EthernetAddress(GUEST_MAC),
+        source_protocol_addr: guest_ip(),
+        target_hardware_addr: smoltcp::wire::EthernetAddress([0; 6]),
+        target_protocol_addr: Ipv4Addr::new(192, 168, 65, 1),
+    };
+    repr.emit(&mut smoltcp::wire::ArpPacket::new_unchecked(&mut p[..]));
+    s.handle_frame(t(0), &eth(ETHERTYPE_ARP, &p, [0xff; 6]));
+    drain_frames(s);
+}
+
+#[test]
+fn inbound_connection_into_the_guest() {
+    let mut s = stack();
+    learn_guest(&mut s);
+    let guest = SocketAddrV4::new(guest_ip(), 80);
+    let flow = s.tcp_open_inbound(t(0), guest, "127.0.0.1:45000".parse().unwrap()).unwrap();
+    s.poll(t(0));
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert_eq!(segs.len(), 1);
+    assert!(segs[0].p.syn && !segs[0].p.ack_flag);
+    // A loopback client appears as the host alias, with its own port.
+    assert_eq!(segs[0].src, "192.168.65.2:45000".parse().unwrap());
+    assert_eq!(segs[0].dst, guest);
+    assert!(drain_cmds(&mut s).is_empty(), "nothing for the host before the guest accepts");
+    assert_eq!(s.tcp_open_inbound(t(0), guest, "127.0.0.1:45000".parse().unwrap()), Err(crate::InboundError::Busy));
+    // The guest accepts.
+    let isn = segs[0].p.seq;
+    let mut c = Conn { guest, dst: segs[0].src, seq: 7000, ack: isn.wrapping_add(1) };
+    s.handle_frame(t(1), &tcp_frame(c.guest, c.dst, c.seq, c.ack, SYN | ACK, &[]));
+    c.seq += 1;
+    s.poll(t(1));
+    assert_eq!(drain_cmds(&mut s), vec![Cmd::Ready(flow)], "room for the client's bytes");
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert!(segs.iter().all(|x| !x.p.syn && x.p.ack_flag), "the handshake's ACK");
+    s.tcp_from_host(flow, |b| {
+        b[..3].copy_from_slice(b"GET");
+        (3, ())
+    });
+    s.poll(t(1));
+    let data: Vec<u8> = tcp_segments(&drain_frames(&mut s)).iter().flat_map(|x| x.payload.clone()).collect();
+    assert_eq!(data, b"GET");
+    c.ack = c.ack.wrapping_add(3);
+    s.handle_frame(t(2), &c.send(ACK | PSH, b"200"));
+    s.poll(t(2));
+    assert_eq!(drain_cmds(&mut s), vec![Cmd::Ready(flow)]);
+    assert_eq!(s.tcp_to_host(flow), b"200");
+}
+
+#[test]
+fn inbound_refused_by_the_guest_resets_the_client() {
+    let mut s = stack();
+    // The guest's MAC is unknown: the gateway asks for it first.
+    let guest = SocketAddrV4::new(guest_ip(), 81);
+    let flow = s.tcp_open_inbound(t(0), guest, "198.51.100.7:5555".parse().unwrap()).unwrap();
+    s.poll(t(0));
+    let frames = drain_frames(&mut s);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(&frames[0][12..14], &[0x08, 0x06], "an ARP request");
+    assert_eq!(&frames[0][ETH_HDR + 24..ETH_HDR + 28], &guest_ip().octets());
+    learn_guest(&mut s);
+    // smoltcp retransmits the SYN; the guest answers it with a RST.
+    let deadline = s.poll_timeout().unwrap();
+    s.poll(deadline);
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert!(segs[0].p.syn);
+    assert_eq!(segs[0].src, "198.51.100.7:5555".parse().unwrap(), "a remote client keeps its address");
+    let rst = tcp_frame(guest, segs[0].src, 0, segs[0].p.seq.wrapping_add(1), RST | ACK, &[]);
+    s.handle_frame(deadline, &rst);
+    s.poll(deadline);
+    assert_eq!(drain_cmds(&mut s), vec![Cmd::Abort(flow)]);
+    assert_eq!(s.tcp_flow_count(), 0);
+}
