@@ -139,6 +139,8 @@ pub struct Stack {
 
     udp: BTreeMap<FlowId, UdpFlow>,
     udp_by_guest: BTreeMap<SocketAddrV4, FlowId>,
+    /// Port-forward flows by (guest address, the client's address as the guest sees it).
+    udp_inbound: BTreeMap<(SocketAddrV4, SocketAddrV4), FlowId>,
     /// No UDP entry expires before this (a lower bound, refreshed when reached).
     udp_next_expiry: Option<Instant>,
 
@@ -202,6 +204,7 @@ impl Stack {
             all_dirty: false,
             udp: BTreeMap::new(),
             udp_by_guest: BTreeMap::new(),
+            udp_inbound: BTreeMap::new(),
             udp_next_expiry: None,
             pings: BTreeMap::new(),
             ping_by_key: BTreeMap::new(),
@@ -508,6 +511,18 @@ impl Stack {
 
     fn handle_udp(&mut self, now: Instant, ip: &Ipv4<'_>, udp: &Udp<'_>) -> Result<(), DropReason> {
         let guest = SocketAddrV4::new(ip.src, udp.src_port);
+        // A reply to a port forward's client goes back through the forward's socket.
+        if let Some(&flow) = self
+            .udp_inbound
+            .get(&(guest, SocketAddrV4::new(ip.dst, udp.dst_port)))
+        {
+            let entry = self.udp.get_mut(&flow).expect("indexed");
+            entry.last_active = now;
+            let client = entry.inbound.expect("an inbound flow").0;
+            let range = self.arena_push(udp.payload);
+            self.commands.push_back(Cmd::UdpSend(flow, client, range));
+            return Ok(());
+        }
         let (dst, dns_upstream) = if ip.dst == self.config.gateway && udp.dst_port == 53 {
             match self.config.dns_forward {
                 Some(up) => (up, Some(up)),
@@ -535,6 +550,7 @@ impl Stack {
                         guest,
                         last_active: now,
                         dns_upstream: None,
+                        inbound: None,
                     },
                 );
                 self.udp_by_guest.insert(guest, id);
@@ -566,9 +582,63 @@ impl Stack {
         }
     }
 
+    /// A datagram from a host client of a UDP port forward, for `guest`. The flow (one per
+    /// client and guest address) carries the guest's replies back as `UdpSend` to the
+    /// client, which the host sends from the forward's own socket; it expires when idle.
+    pub fn udp_inbound(
+        &mut self,
+        now: Instant,
+        client: SocketAddr,
+        guest: SocketAddrV4,
+        payload: &[u8],
+    ) -> Result<FlowId, InboundError> {
+        self.last_now = now;
+        let visible = self.inbound_source(client)?;
+        if guest.port() == 0 || !self.unicast_dst(*guest.ip()) {
+            return Err(InboundError::Unaddressable);
+        }
+        let flow = match self.udp_inbound.get(&(guest, visible)) {
+            Some(&id) => id,
+            None => {
+                if self.udp.len() >= self.config.udp.max_flows {
+                    self.evict_oldest_udp();
+                }
+                let id = self.new_flow_id();
+                let entry = UdpFlow {
+                    guest,
+                    last_active: now,
+                    dns_upstream: None,
+                    inbound: Some((client, visible)),
+                };
+                self.udp.insert(id, entry);
+                self.udp_inbound.insert((guest, visible), id);
+                self.stats.udp_flows_opened += 1;
+                let expiry = now + self.config.udp.idle_timeout;
+                self.udp_next_expiry = Some(self.udp_next_expiry.map_or(expiry, |e| e.min(expiry)));
+                id
+            }
+        };
+        self.udp.get_mut(&flow).expect("indexed").last_active = now;
+        if self.neighbors.get(*guest.ip()).is_none() {
+            // Lost for want of a MAC address, as on a real link; the next one gets through.
+            self.send_arp_request(*guest.ip());
+            self.stats.drop(DropReason::NoNeighbor);
+            return Ok(flow);
+        }
+        self.send_udp_to_guest(visible, guest, payload);
+        Ok(flow)
+    }
+
     fn remove_udp(&mut self, id: FlowId) {
         if let Some(f) = self.udp.remove(&id) {
-            self.udp_by_guest.remove(&f.guest);
+            match f.inbound {
+                Some((_, visible)) => {
+                    self.udp_inbound.remove(&(f.guest, visible));
+                }
+                None => {
+                    self.udp_by_guest.remove(&f.guest);
+                }
+            }
             self.commands.push_back(Cmd::UdpClose(id));
         }
     }
@@ -593,6 +663,11 @@ impl Stack {
                 }
             }
         };
+        self.send_udp_to_guest(src, guest, payload);
+    }
+
+    /// A UDP datagram from `src` to the guest, fragmented if it is larger than the link.
+    fn send_udp_to_guest(&mut self, src: SocketAddrV4, guest: SocketAddrV4, payload: &[u8]) {
         let ip_len = wire::IPV4_HDR + wire::UDP_HDR + payload.len();
         let ident = self.next_ident();
         if ip_len <= usize::from(self.config.mtu) {
@@ -865,7 +940,10 @@ impl Stack {
         // Until the guest answers, the connect timeout; once established, the dead-guest
         // timeout and keep-alives of guest-opened flows (see `service_tcp`).
         socket.set_timeout(Some(self.config.tcp.connect_timeout));
-        let local = smoltcp::wire::IpListenEndpoint { addr: Some((*remote.ip()).into()), port: remote.port() };
+        let local = smoltcp::wire::IpListenEndpoint {
+            addr: Some((*remote.ip()).into()),
+            port: remote.port(),
+        };
         socket
             .connect(self.iface.context(), (*guest.ip(), guest.port()), local)
             .map_err(|_| InboundError::Unaddressable)?;
@@ -1107,7 +1185,12 @@ impl Stack {
         let queued = s.recv_queue();
         // smoltcp keeps `may_recv` true while bytes are buffered, so this turns true only
         // once the guest's FIN arrived and everything before it was handed over.
-        if !s.may_recv() && !matches!(state, tcp::State::SynReceived | tcp::State::SynSent | tcp::State::Listen) {
+        if !s.may_recv()
+            && !matches!(
+                state,
+                tcp::State::SynReceived | tcp::State::SynSent | tcp::State::Listen
+            )
+        {
             f.guest_fin = true;
         }
         match state {

@@ -911,8 +911,8 @@ fn idle_flow_survives_and_silent_guest_is_given_up() {
     let mut s = stack();
     let mut now = 0;
     let (flow, mut c) = established(&mut s, &mut now);
-    let mut step = |s: &mut Stack, now: &mut i64, end: i64| {
-        let next = s.poll_timeout().map_or(end, |t| t.total_millis() as i64);
+    let step = |s: &mut Stack, now: &mut i64, end: i64| {
+        let next = s.poll_timeout().map_or(end, |t| t.total_millis());
         *now = next.clamp(*now + 1, end);
         s.poll(t(*now));
         tcp_segments(&drain_frames(s))
@@ -962,7 +962,9 @@ fn inbound_connection_into_the_guest() {
     let mut s = stack();
     learn_guest(&mut s);
     let guest = SocketAddrV4::new(guest_ip(), 80);
-    let flow = s.tcp_open_inbound(t(0), guest, "127.0.0.1:45000".parse().unwrap()).unwrap();
+    let flow = s
+        .tcp_open_inbound(t(0), guest, "127.0.0.1:45000".parse().unwrap())
+        .unwrap();
     s.poll(t(0));
     let segs = tcp_segments(&drain_frames(&mut s));
     assert_eq!(segs.len(), 1);
@@ -970,23 +972,47 @@ fn inbound_connection_into_the_guest() {
     // A loopback client appears as the host alias, with its own port.
     assert_eq!(segs[0].src, "192.168.65.2:45000".parse().unwrap());
     assert_eq!(segs[0].dst, guest);
-    assert!(drain_cmds(&mut s).is_empty(), "nothing for the host before the guest accepts");
-    assert_eq!(s.tcp_open_inbound(t(0), guest, "127.0.0.1:45000".parse().unwrap()), Err(crate::InboundError::Busy));
+    assert!(
+        drain_cmds(&mut s).is_empty(),
+        "nothing for the host before the guest accepts"
+    );
+    assert_eq!(
+        s.tcp_open_inbound(t(0), guest, "127.0.0.1:45000".parse().unwrap()),
+        Err(crate::InboundError::Busy)
+    );
     // The guest accepts.
     let isn = segs[0].p.seq;
-    let mut c = Conn { guest, dst: segs[0].src, seq: 7000, ack: isn.wrapping_add(1) };
-    s.handle_frame(t(1), &tcp_frame(c.guest, c.dst, c.seq, c.ack, SYN | ACK, &[]));
+    let mut c = Conn {
+        guest,
+        dst: segs[0].src,
+        seq: 7000,
+        ack: isn.wrapping_add(1),
+    };
+    s.handle_frame(
+        t(1),
+        &tcp_frame(c.guest, c.dst, c.seq, c.ack, SYN | ACK, &[]),
+    );
     c.seq += 1;
     s.poll(t(1));
-    assert_eq!(drain_cmds(&mut s), vec![Cmd::Ready(flow)], "room for the client's bytes");
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::Ready(flow)],
+        "room for the client's bytes"
+    );
     let segs = tcp_segments(&drain_frames(&mut s));
-    assert!(segs.iter().all(|x| !x.p.syn && x.p.ack_flag), "the handshake's ACK");
+    assert!(
+        segs.iter().all(|x| !x.p.syn && x.p.ack_flag),
+        "the handshake's ACK"
+    );
     s.tcp_from_host(flow, |b| {
         b[..3].copy_from_slice(b"GET");
         (3, ())
     });
     s.poll(t(1));
-    let data: Vec<u8> = tcp_segments(&drain_frames(&mut s)).iter().flat_map(|x| x.payload.clone()).collect();
+    let data: Vec<u8> = tcp_segments(&drain_frames(&mut s))
+        .iter()
+        .flat_map(|x| x.payload.clone())
+        .collect();
     assert_eq!(data, b"GET");
     c.ack = c.ack.wrapping_add(3);
     s.handle_frame(t(2), &c.send(ACK | PSH, b"200"));
@@ -1000,7 +1026,9 @@ fn inbound_refused_by_the_guest_resets_the_client() {
     let mut s = stack();
     // The guest's MAC is unknown: the gateway asks for it first.
     let guest = SocketAddrV4::new(guest_ip(), 81);
-    let flow = s.tcp_open_inbound(t(0), guest, "198.51.100.7:5555".parse().unwrap()).unwrap();
+    let flow = s
+        .tcp_open_inbound(t(0), guest, "198.51.100.7:5555".parse().unwrap())
+        .unwrap();
     s.poll(t(0));
     let frames = drain_frames(&mut s);
     assert_eq!(frames.len(), 1);
@@ -1012,10 +1040,58 @@ fn inbound_refused_by_the_guest_resets_the_client() {
     s.poll(deadline);
     let segs = tcp_segments(&drain_frames(&mut s));
     assert!(segs[0].p.syn);
-    assert_eq!(segs[0].src, "198.51.100.7:5555".parse().unwrap(), "a remote client keeps its address");
-    let rst = tcp_frame(guest, segs[0].src, 0, segs[0].p.seq.wrapping_add(1), RST | ACK, &[]);
+    assert_eq!(
+        segs[0].src,
+        "198.51.100.7:5555".parse().unwrap(),
+        "a remote client keeps its address"
+    );
+    let rst = tcp_frame(
+        guest,
+        segs[0].src,
+        0,
+        segs[0].p.seq.wrapping_add(1),
+        RST | ACK,
+        &[],
+    );
     s.handle_frame(deadline, &rst);
     s.poll(deadline);
     assert_eq!(drain_cmds(&mut s), vec![Cmd::Abort(flow)]);
     assert_eq!(s.tcp_flow_count(), 0);
+}
+
+#[test]
+fn udp_forward_into_the_guest_and_back() {
+    let mut s = stack();
+    learn_guest(&mut s);
+    let guest = SocketAddrV4::new(guest_ip(), 53);
+    let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let flow = s.udp_inbound(t(0), client, guest, b"query").unwrap();
+    let frames = drain_frames(&mut s);
+    let ip = Ipv4::parse(&frames[0][ETH_HDR..]).unwrap();
+    let u = Udp::parse(&ip).unwrap();
+    assert_eq!(
+        (
+            SocketAddrV4::new(ip.src, u.src_port),
+            SocketAddrV4::new(ip.dst, u.dst_port)
+        ),
+        ("192.168.65.2:40000".parse().unwrap(), guest)
+    );
+    assert_eq!(u.payload, b"query");
+    // The same client again: the same flow.
+    assert_eq!(s.udp_inbound(t(1), client, guest, b"again").unwrap(), flow);
+    drain_frames(&mut s);
+    // The guest's reply goes to the client, not out through a new NAT entry.
+    s.handle_frame(
+        t(2),
+        &udp_frame(guest, "192.168.65.2:40000".parse().unwrap(), b"answer"),
+    );
+    s.poll(t(2));
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::UdpSend(flow, client, b"answer".to_vec())]
+    );
+    assert_eq!(s.udp_flow_count(), 1);
+    s.poll(t(62_002));
+    assert_eq!(drain_cmds(&mut s), vec![Cmd::UdpClose(flow)]);
+    assert_eq!(s.udp_flow_count(), 0);
 }

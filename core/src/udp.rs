@@ -12,4 +12,6 @@ pub(crate) struct UdpFlow {
     /// When the guest wrote to the gateway's DNS port, the upstream it was sent to: replies
     /// from there must appear to come from the gateway.
     pub dns_upstream: Option<SocketAddr>,
+    /// For a port forward's flow: the host client, and the address it appears as.
+    pub inbound: Option<(SocketAddr, SocketAddrV4)>,
 }
