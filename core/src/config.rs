@@ -215,8 +215,9 @@ pub struct Config {
     pub last_guest: Ipv4Addr,
     /// IP MTU of the guest link (an Ethernet frame is 14 bytes more).
     pub mtu: u16,
-    /// UDP to the gateway's port 53 is relayed here (replies appear to come from the
-    /// gateway). `None`: the gateway does not answer DNS.
+    /// The gateway's DNS service (UDP and TCP on port 53). `None`: no DNS service.
+    pub dns: Option<crate::dns::DnsConfig>,
+    /// Shorthand for a DNS service forwarding to one upstream, used when `dns` is `None`.
     pub dns_forward: Option<SocketAddr>,
     pub dhcp: DhcpConfig,
     pub tcp: TcpConfig,
@@ -243,6 +244,7 @@ impl Default for Config {
             last_guest: Ipv4Addr::from(u32::from(subnet.broadcast()) - 1),
             subnet,
             mtu: DEFAULT_VM_MTU,
+            dns: None,
             dns_forward: None,
             dhcp: DhcpConfig::default(),
             tcp: TcpConfig::default(),

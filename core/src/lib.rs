@@ -16,6 +16,7 @@
 pub mod config;
 mod device;
 pub mod dhcp;
+pub mod dns;
 mod icmp;
 pub mod stack;
 pub mod stats;
@@ -25,7 +26,7 @@ pub mod wire;
 
 pub use config::{Config, ConfigError, DhcpConfig, IcmpConfig, Subnet, TcpConfig, UdpConfig};
 pub use smoltcp::time::{Duration, Instant};
-pub use stack::{ConnectError, FlowId, HostCommand, Stack};
+pub use stack::{ConnectError, FlowId, HostCommand, InboundError, Stack};
 pub use stats::{DropReason, Stats};
 pub use tcp::TcpFlowInfo;
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use rand_chacha::rand_core::Rng as _;
+use rand_chacha::rand_core::{Rng as _, SeedableRng};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -17,12 +17,18 @@ use crate::device::{
     ETH_HDR,
 };
 use crate::dhcp::{DhcpServer, DhcpServerConfig};
+use crate::dns::{Dns, DnsConfig};
 use crate::icmp::{PingFlow, PingKey};
 use crate::stats::{DropReason, Stats};
 use crate::tcp::{Phase, TcpFlow, TcpFlowInfo, TcpKey};
 use crate::udp::UdpFlow;
 use crate::wire::{self, IcmpEcho, Ipv4, TcpPorts, Udp};
 use crate::Rng;
+
+#[path = "gateway_dns.rs"]
+mod gateway_dns;
+use gateway_dns::DnsTcpUpstream;
+pub use gateway_dns::ResolveRequest;
 
 /// Names one flow (TCP connection, UDP NAT entry or ping session) in commands and events.
 /// Never reused within one [`Stack`].
@@ -148,6 +154,14 @@ pub struct Stack {
     ping_by_key: BTreeMap<PingKey, FlowId>,
     ping_next_expiry: Option<Instant>,
 
+    /// The gateway's DNS service.
+    dns: Option<Dns>,
+    /// Internal UDP flows that carry DNS queries upstream, per family (IPv4, IPv6).
+    dns_udp: [Option<FlowId>; 2],
+    /// DNS-over-TCP exchanges with upstreams, one connection per query.
+    dns_tcp: BTreeMap<FlowId, DnsTcpUpstream>,
+    resolves: VecDeque<ResolveRequest>,
+
     commands: VecDeque<Cmd>,
     arena: Vec<u8>,
     scratch: Vec<u8>,
@@ -186,6 +200,14 @@ impl Stack {
             mtu: config.mtu,
         });
         let ip_ident = rng.next_u32() as u16;
+        let dns_config = config.dns.clone().or_else(|| {
+            config.dns_forward.map(|up| DnsConfig {
+                upstream_groups: vec![vec![up]],
+                ..DnsConfig::new(config.gateway.into(), config.host_alias.map(Into::into))
+            })
+        });
+        // Its own stream, so that DNS traffic does not shift every other random choice.
+        let dns = dns_config.map(|c| Dns::new(c, Rng::seed_from_u64(rng.next_u64())));
         Ok(Stack {
             config,
             iface,
@@ -209,6 +231,10 @@ impl Stack {
             pings: BTreeMap::new(),
             ping_by_key: BTreeMap::new(),
             ping_next_expiry: None,
+            dns,
+            dns_udp: [None; 2],
+            dns_tcp: BTreeMap::new(),
+            resolves: VecDeque::new(),
             commands: VecDeque::new(),
             arena: Vec::new(),
             scratch: Vec::new(),
@@ -523,19 +549,14 @@ impl Stack {
             self.commands.push_back(Cmd::UdpSend(flow, client, range));
             return Ok(());
         }
-        let (dst, dns_upstream) = if ip.dst == self.config.gateway && udp.dst_port == 53 {
-            match self.config.dns_forward {
-                Some(up) => (up, Some(up)),
-                None => return Err(DropReason::UnsupportedProtocol),
-            }
+        let dst = if ip.dst == self.config.gateway && udp.dst_port == 53 && self.dns.is_some() {
+            self.dns_query_udp(now, guest, udp.payload);
+            return Ok(());
         } else if ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias {
             // Nothing else listens on the gateway.
             return Err(DropReason::UnsupportedProtocol);
         } else {
-            (
-                SocketAddr::new(self.host_target(ip.dst), udp.dst_port),
-                None,
-            )
+            SocketAddr::new(self.host_target(ip.dst), udp.dst_port)
         };
         let flow = match self.udp_by_guest.get(&guest) {
             Some(id) => *id,
@@ -549,7 +570,7 @@ impl Stack {
                     UdpFlow {
                         guest,
                         last_active: now,
-                        dns_upstream: None,
+                        dns_internal: false,
                         inbound: None,
                     },
                 );
@@ -560,11 +581,7 @@ impl Stack {
                 id
             }
         };
-        let entry = self.udp.get_mut(&flow).expect("indexed");
-        entry.last_active = now;
-        if dns_upstream.is_some() {
-            entry.dns_upstream = dns_upstream;
-        }
+        self.udp.get_mut(&flow).expect("indexed").last_active = now;
         let range = self.arena_push(udp.payload);
         self.commands.push_back(Cmd::UdpSend(flow, dst, range));
         Ok(())
@@ -607,7 +624,7 @@ impl Stack {
                 let entry = UdpFlow {
                     guest,
                     last_active: now,
-                    dns_upstream: None,
+                    dns_internal: false,
                     inbound: Some((client, visible)),
                 };
                 self.udp.insert(id, entry);
@@ -635,6 +652,7 @@ impl Stack {
                 Some((_, visible)) => {
                     self.udp_inbound.remove(&(f.guest, visible));
                 }
+                None if f.dns_internal => {}
                 None => {
                     self.udp_by_guest.remove(&f.guest);
                 }
@@ -651,17 +669,14 @@ impl Stack {
             return;
         };
         entry.last_active = now;
+        if entry.dns_internal {
+            self.dns_from_upstream_udp(now, from, payload);
+            return;
+        }
         let guest = entry.guest;
-        let src = if entry.dns_upstream == Some(from) {
-            SocketAddrV4::new(self.config.gateway, 53)
-        } else {
-            match self.guest_visible(from) {
-                Some(s) => s,
-                None => {
-                    self.stats.drop(DropReason::UnsupportedProtocol);
-                    return;
-                }
-            }
+        let Some(src) = self.guest_visible(from) else {
+            self.stats.drop(DropReason::UnsupportedProtocol);
+            return;
         };
         self.send_udp_to_guest(src, guest, payload);
     }
@@ -850,8 +865,11 @@ impl Stack {
             self.feed_smoltcp(now, ip.packet);
             return Ok(());
         }
+        let dns_service = ip.dst == self.config.gateway && seg.dst_port == 53 && self.dns.is_some();
         let refuse = if self.tcp.len() >= self.config.tcp.max_flows {
             Some(DropReason::TcpFlowLimit)
+        } else if dns_service {
+            None
         } else if self.tcp_pending >= self.config.tcp.max_pending_connects {
             Some(DropReason::TcpPendingLimit)
         } else if (ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias)
@@ -874,6 +892,12 @@ impl Stack {
         self.tcp_by_key.insert(key, id);
         self.tcp_pending += 1;
         self.stats.tcp_flows_opened += 1;
+        if dns_service {
+            // The gateway itself answers: no host connect, the handshake completes now.
+            self.tcp.get_mut(&id).expect("inserted").local_dns = Some(Vec::new());
+            self.tcp_connected(now, id);
+            return Ok(());
+        }
         let dst = SocketAddr::new(self.host_target(ip.dst), seg.dst_port);
         self.commands.push_back(Cmd::TcpConnect(id, dst));
         Ok(())
@@ -995,6 +1019,9 @@ impl Stack {
     /// The host connect for `flow` succeeded: the guest now gets its SYN-ACK.
     pub fn tcp_connected(&mut self, now: Instant, flow: FlowId) {
         self.last_now = now;
+        if self.dns_tcp_connected(flow) {
+            return;
+        }
         let Some(f) = self.tcp.get_mut(&flow) else {
             self.stats.drop(DropReason::StaleHostEvent);
             return;
@@ -1046,6 +1073,9 @@ impl Stack {
     /// The host connect for `flow` failed: the guest gets a RST.
     pub fn tcp_connect_failed(&mut self, now: Instant, flow: FlowId, _err: ConnectError) {
         self.last_now = now;
+        if self.dns_tcp_failed(now, flow) {
+            return;
+        }
         let Some(f) = self.tcp.get(&flow) else {
             self.stats.drop(DropReason::StaleHostEvent);
             return;
@@ -1073,6 +1103,9 @@ impl Stack {
     /// Bytes the guest sent that are waiting for the host (a contiguous chunk; after
     /// consuming it there may be more). Empty when there are none.
     pub fn tcp_to_host(&mut self, flow: FlowId) -> &[u8] {
+        if self.dns_tcp.contains_key(&flow) {
+            return self.dns_tcp_to_host(flow).unwrap_or(&[]);
+        }
         match self.socket(flow) {
             Some(s) => s.peek(usize::MAX).unwrap_or(&[]),
             None => &[],
@@ -1081,6 +1114,9 @@ impl Stack {
 
     /// The host accepted `n` bytes of [`Stack::tcp_to_host`].
     pub fn tcp_consume_to_host(&mut self, flow: FlowId, n: usize) {
+        if self.dns_tcp_consumed(flow, n) {
+            return;
+        }
         if let Some(s) = self.socket(flow) {
             let _ = s.recv(|b| (n.min(b.len()), ()));
             self.dirty.push(flow);
@@ -1089,6 +1125,9 @@ impl Stack {
 
     /// Room for bytes from the host.
     pub fn tcp_room(&mut self, flow: FlowId) -> usize {
+        if let Some(room) = self.dns_tcp_room(flow) {
+            return room;
+        }
         match self.socket(flow) {
             Some(s) if s.may_send() => s.send_capacity() - s.send_queue(),
             _ => 0,
@@ -1104,6 +1143,9 @@ impl Stack {
         flow: FlowId,
         fill: impl FnOnce(&mut [u8]) -> (usize, R),
     ) -> Option<R> {
+        if self.dns_tcp.contains_key(&flow) {
+            return self.dns_tcp_from_host(flow, fill).flatten();
+        }
         let f = self.tcp.get_mut(&flow)?;
         let handle = f.handle()?;
         let s = self.sockets.get_mut::<tcp::Socket>(handle);
@@ -1121,6 +1163,11 @@ impl Stack {
 
     /// The host closed its write side: the guest gets a FIN after the queued bytes.
     pub fn tcp_host_eof(&mut self, flow: FlowId) {
+        if self.dns_tcp_failed(self.last_now, flow) {
+            // The upstream closed before a whole answer.
+            self.commands.push_back(Cmd::TcpClose(flow));
+            return;
+        }
         let Some(f) = self.tcp.get_mut(&flow) else {
             return;
         };
@@ -1133,6 +1180,9 @@ impl Stack {
 
     /// The host connection was reset (or failed): the guest gets a RST.
     pub fn tcp_host_reset(&mut self, flow: FlowId) {
+        if self.dns_tcp_failed(self.last_now, flow) {
+            return;
+        }
         let Some(f) = self.tcp.get(&flow) else {
             return;
         };
@@ -1159,6 +1209,11 @@ impl Stack {
 
     /// End a flow and tell the host: `abort` resets, otherwise a clean close.
     fn close_tcp(&mut self, flow: FlowId, abort: bool) {
+        if self.tcp.get(&flow).is_some_and(|f| f.local_dns.is_some()) {
+            self.remove_tcp(flow);
+            self.dns_tcp_closed(flow);
+            return;
+        }
         self.remove_tcp(flow);
         self.commands.push_back(if abort {
             Cmd::TcpAbort(flow)
@@ -1220,6 +1275,10 @@ impl Stack {
             }
             _ => {}
         }
+        if f.local_dns.is_some() {
+            self.service_dns_tcp(self.last_now, id);
+            return;
+        }
         let room = s.may_send() && s.send_capacity() > s.send_queue();
         let mut ready = queued > 0;
         if f.host_read_blocked && room {
@@ -1244,6 +1303,12 @@ impl Stack {
     pub fn poll(&mut self, now: Instant) {
         self.last_now = now;
         self.expire(now);
+        if let Some(dns) = self.dns.as_mut() {
+            if dns.poll_timeout().is_some_and(|t| t <= now) {
+                dns.handle_timeout(now);
+                self.drain_dns(now);
+            }
+        }
         // Egress may change socket states (timers, retransmission give-ups), and state
         // changes may queue more egress (a close after EOF); two rounds settle it.
         for _ in 0..2 {
@@ -1341,6 +1406,7 @@ impl Stack {
                 t = Some(t.map_or(x, |t| t.min(x)));
             }
         };
+        consider(self.dns.as_ref().and_then(|d| d.poll_timeout()));
         consider(self.udp_next_expiry);
         consider(self.ping_next_expiry);
         if self.tcp_pending > 0 {
@@ -1444,8 +1510,9 @@ impl Stack {
             .collect()
     }
 
+    /// TCP flows, the gateway's own DNS exchanges with upstreams included.
     pub fn tcp_flow_count(&self) -> usize {
-        self.tcp.len()
+        self.tcp.len() + self.dns_tcp.len()
     }
 
     pub fn udp_flow_count(&self) -> usize {
@@ -1459,6 +1526,7 @@ impl Stack {
     /// No flow of any kind, no frame and no command waiting.
     pub fn is_idle(&self) -> bool {
         self.tcp.is_empty()
+            && self.dns_tcp.is_empty()
             && self.udp.is_empty()
             && self.pings.is_empty()
             && self.frames.len() == 0

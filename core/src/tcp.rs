@@ -43,6 +43,9 @@ pub(crate) struct TcpFlow {
     pub last_state: tcp::State,
     /// Opened by the host (a port forward) rather than by a guest SYN.
     pub inbound: bool,
+    /// A connection to the gateway's DNS service (no host side): the bytes of a
+    /// length-framed query not yet complete.
+    pub local_dns: Option<Vec<u8>>,
 }
 
 impl TcpFlow {
@@ -57,6 +60,7 @@ impl TcpFlow {
             ready_queued: false,
             last_state: tcp::State::Listen,
             inbound: false,
+            local_dns: None,
         }
     }
 

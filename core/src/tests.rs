@@ -1095,3 +1095,210 @@ fn udp_forward_into_the_guest_and_back() {
     assert_eq!(drain_cmds(&mut s), vec![Cmd::UdpClose(flow)]);
     assert_eq!(s.udp_flow_count(), 0);
 }
+
+fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    q
+}
+
+/// An answer to `query` with one A record.
+fn dns_answer(query: &[u8], addr: [u8; 4]) -> Vec<u8> {
+    let mut a = query.to_vec();
+    a[2] = 0x81;
+    a[3] = 0x80;
+    a[7] = 1;
+    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    a.extend_from_slice(&addr);
+    a
+}
+
+fn dns_stack() -> Stack {
+    let cfg = Config {
+        dns_forward: Some("127.0.0.1:5353".parse().unwrap()),
+        ..Config::default()
+    };
+    Stack::new(cfg, Rng::seed_from_u64(3), t(0)).unwrap()
+}
+
+fn udp_payloads(frames: &[Vec<u8>]) -> Vec<(SocketAddrV4, SocketAddrV4, Vec<u8>)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let ip = Ipv4::parse(&f[ETH_HDR..]).ok()?;
+            let u = Udp::parse(&ip).ok()?;
+            Some((
+                SocketAddrV4::new(ip.src, u.src_port),
+                SocketAddrV4::new(ip.dst, u.dst_port),
+                u.payload.to_vec(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn dns_over_udp_is_forwarded_and_answered_from_the_gateway() {
+    let mut s = dns_stack();
+    let guest = SocketAddrV4::new(guest_ip(), 5000);
+    let gw53: SocketAddrV4 = "192.168.65.1:53".parse().unwrap();
+    let q = dns_query(0x1234, "example.com", 1);
+    s.handle_frame(t(0), &udp_frame(guest, gw53, &q));
+    s.poll(t(0));
+    let cmds = drain_cmds(&mut s);
+    let [Cmd::UdpSend(flow, dst, ref sent)] = cmds[..] else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!(dst, "127.0.0.1:5353".parse().unwrap());
+    assert_eq!(
+        &sent[2..],
+        &q[2..],
+        "the query goes on unchanged but for its ID"
+    );
+    assert_ne!(&sent[..2], &q[..2], "a fresh ID upstream");
+    // A forged answer (wrong ID) is dropped; the real one reaches the guest with its ID.
+    let mut forged = dns_answer(sent, [6, 6, 6, 6]);
+    forged[0] ^= 0xff;
+    s.udp_from_host(t(1), flow, dst, &forged);
+    assert!(drain_frames(&mut s).is_empty());
+    s.udp_from_host(t(1), flow, dst, &dns_answer(sent, [93, 184, 216, 34]));
+    let got = udp_payloads(&drain_frames(&mut s));
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0, got[0].1), (gw53, guest));
+    assert_eq!(
+        got[0].2,
+        dns_answer(&q, [93, 184, 216, 34]),
+        "byte for byte, with the guest's ID"
+    );
+    assert_eq!(
+        s.udp_flow_count(),
+        1,
+        "only the gateway's own upstream flow"
+    );
+}
+
+#[test]
+fn dns_static_names_and_servfail_when_upstream_is_silent() {
+    let mut s = dns_stack();
+    let guest = SocketAddrV4::new(guest_ip(), 5001);
+    let gw53: SocketAddrV4 = "192.168.65.1:53".parse().unwrap();
+    s.handle_frame(
+        t(0),
+        &udp_frame(guest, gw53, &dns_query(7, "host.docker.internal", 1)),
+    );
+    s.poll(t(0));
+    assert!(drain_cmds(&mut s).is_empty(), "answered locally");
+    let got = udp_payloads(&drain_frames(&mut s));
+    let a = &got[0].2;
+    assert_eq!(&a[..2], &7u16.to_be_bytes());
+    assert_eq!(a[3] & 0x0f, 0, "NOERROR");
+    assert_eq!(&a[a.len() - 4..], &[192, 168, 65, 2], "the host alias");
+    // Nobody answers upstream: SERVFAIL within the timeout, never silence.
+    s.handle_frame(
+        t(0),
+        &udp_frame(guest, gw53, &dns_query(8, "nowhere.example", 1)),
+    );
+    let mut now = 0;
+    let mut answer;
+    loop {
+        s.poll(t(now));
+        drain_cmds(&mut s);
+        answer = udp_payloads(&drain_frames(&mut s)).pop();
+        if answer.is_some() || now >= 10_000 {
+            break;
+        }
+        now = s
+            .poll_timeout()
+            .map_or(now + 1000, |x| x.total_millis())
+            .max(now + 1);
+    }
+    let a = answer.expect("an answer").2;
+    assert_eq!(&a[..2], &8u16.to_be_bytes());
+    assert_eq!(a[3] & 0x0f, 2, "SERVFAIL");
+    assert_eq!(now, 5_000, "at the 5 s timeout");
+}
+
+#[test]
+fn dns_over_tcp_from_the_guest_and_to_the_upstream() {
+    let mut s = dns_stack();
+    let gw53: SocketAddrV4 = "192.168.65.1:53".parse().unwrap();
+    let mut c = Conn::new(gw53);
+    s.handle_frame(t(0), &c.syn());
+    s.poll(t(0));
+    assert!(
+        drain_cmds(&mut s).is_empty(),
+        "the gateway answers itself: no host connect"
+    );
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert!(segs[0].p.syn && segs[0].p.ack_flag);
+    c.seq += 1;
+    c.ack = segs[0].p.seq.wrapping_add(1);
+    // Two framed queries in one segment: a static name and one for the upstream.
+    let q1 = dns_query(1, "gateway.usernet.internal", 1);
+    let q2 = dns_query(2, "example.org", 1);
+    let mut data = Vec::new();
+    for q in [&q1, &q2] {
+        data.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        data.extend_from_slice(q);
+    }
+    s.handle_frame(t(1), &c.send(ACK | PSH, &data));
+    s.poll(t(1));
+    let cmds = drain_cmds(&mut s);
+    let [Cmd::Connect(up, dst)] = cmds[..] else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!(
+        dst,
+        "127.0.0.1:5353".parse().unwrap(),
+        "a TCP query goes upstream over TCP"
+    );
+    let segs = tcp_segments(&drain_frames(&mut s));
+    let got: Vec<u8> = segs.iter().flat_map(|x| x.payload.clone()).collect();
+    assert_eq!(&got[2..4], &1u16.to_be_bytes(), "the static answer, framed");
+    assert_eq!(&got[got.len() - 4..], &[192, 168, 65, 1]);
+    c.ack = c.ack.wrapping_add(got.len() as u32);
+    // The host connects; the framed query comes out; the framed answer goes in.
+    s.tcp_connected(t(2), up);
+    s.poll(t(2));
+    assert_eq!(drain_cmds(&mut s), vec![Cmd::Ready(up)]);
+    let out = s.tcp_to_host(up).to_vec();
+    assert_eq!(usize::from(u16::from_be_bytes([out[0], out[1]])), q2.len());
+    s.tcp_consume_to_host(up, out.len());
+    let ans = dns_answer(&out[2..], [192, 0, 2, 9]);
+    let mut framed = (ans.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&ans);
+    s.tcp_from_host(up, |b| {
+        b[..framed.len()].copy_from_slice(&framed);
+        (framed.len(), ())
+    });
+    s.poll(t(2));
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::Close(up)],
+        "one query per upstream connection"
+    );
+    let got: Vec<u8> = tcp_segments(&drain_frames(&mut s))
+        .iter()
+        .flat_map(|x| x.payload.clone())
+        .collect();
+    assert_eq!(&got[2..4], &2u16.to_be_bytes());
+    assert_eq!(&got[got.len() - 4..], &[192, 0, 2, 9]);
+    // The guest closes: the gateway closes too, and nothing is left.
+    c.ack = c.ack.wrapping_add(got.len() as u32);
+    s.handle_frame(t(3), &c.send(ACK | FIN, &[]));
+    s.poll(t(3));
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert!(segs.iter().any(|x| x.p.fin));
+    c.ack = c.ack.wrapping_add(1);
+    s.handle_frame(t(3), &c.send(ACK, &[]));
+    s.poll(t(3));
+    assert!(drain_cmds(&mut s).is_empty(), "no host side to tell");
+    assert_eq!(s.tcp_flow_count(), 0);
+}

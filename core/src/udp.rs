@@ -9,9 +9,8 @@ use smoltcp::time::Instant;
 pub(crate) struct UdpFlow {
     pub guest: SocketAddrV4,
     pub last_active: Instant,
-    /// When the guest wrote to the gateway's DNS port, the upstream it was sent to: replies
-    /// from there must appear to come from the gateway.
-    pub dns_upstream: Option<SocketAddr>,
+    /// The gateway's own flow for DNS queries to upstream servers (not a guest's).
+    pub dns_internal: bool,
     /// For a port forward's flow: the host client, and the address it appears as.
     pub inbound: Option<(SocketAddr, SocketAddrV4)>,
 }

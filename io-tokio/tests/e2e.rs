@@ -450,7 +450,8 @@ fn dns_relay_to_configured_server() {
         o.status,
         text(&o.stderr)
     );
-    assert!(served >= 2, "the fake server answered {served} queries");
+    // nslookup's repeat of the same question may be answered from the gateway's cache.
+    assert!(served >= 1, "the fake server answered {served} queries");
     tb.daemon.assert_alive();
 }
 

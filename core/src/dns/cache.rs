@@ -96,7 +96,7 @@ impl Cache {
     }
 
     /// Cache `msg` for `ttl` seconds; `size` is its wire size (what the byte budget counts).
-    /// Returns how many entries were evicted to make room.
+    /// Returns how many entries were evicted to make room, `None` if it was not cached.
     pub fn insert(
         &mut self,
         key: CacheKey,
@@ -104,9 +104,9 @@ impl Cache {
         size: usize,
         ttl: u32,
         now: Instant,
-    ) -> usize {
+    ) -> Option<usize> {
         if self.max_entries == 0 || ttl == 0 || size > self.max_bytes {
-            return 0;
+            return None;
         }
         self.remove(&key);
         let mut evicted = 0;
@@ -134,6 +134,6 @@ impl Cache {
                 size,
             },
         );
-        evicted
+        Some(evicted)
     }
 }

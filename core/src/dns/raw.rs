@@ -3,7 +3,6 @@
 
 /// Header flag bits (second 16-bit word of the header).
 pub(crate) const QR: u16 = 0x8000;
-pub(crate) const AA: u16 = 0x0400;
 pub(crate) const TC: u16 = 0x0200;
 pub(crate) const RD: u16 = 0x0100;
 pub(crate) const RA: u16 = 0x0080;
@@ -191,10 +190,14 @@ pub(crate) fn find_opt(b: &[u8], question_end: usize) -> Option<&[u8]> {
 
 /// An answer cut down to its header and question, with TC set (RFC 2181 9, RFC 1035 4.2.1);
 /// the OPT record is kept when there is one so that the guest still sees EDNS.
-pub(crate) fn truncate(answer: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn truncate(answer: &[u8], keep_opt: bool) -> Option<Vec<u8>> {
     let mut h = Header::parse(answer)?;
     let (_, qend) = Question::parse(answer)?;
-    let opt = find_opt(answer, qend);
+    let opt = if keep_opt {
+        find_opt(answer, qend)
+    } else {
+        None
+    };
     h.flags |= TC;
     h.qdcount = 1;
     h.ancount = 0;
