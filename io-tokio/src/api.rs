@@ -42,7 +42,11 @@ fn default_protocol() -> String {
 
 impl From<&Forward> for ForwardJson {
     fn from(f: &Forward) -> Self {
-        ForwardJson { local: f.local.to_string(), remote: f.remote.to_string(), protocol: f.protocol.as_str().into() }
+        ForwardJson {
+            local: f.local.to_string(),
+            remote: f.remote.to_string(),
+            protocol: f.protocol.as_str().into(),
+        }
     }
 }
 
@@ -51,7 +55,10 @@ impl From<&Forward> for ForwardJson {
 pub enum Request {
     List,
     Expose(Forward),
-    Unexpose { local: std::net::SocketAddr, protocol: Protocol },
+    Unexpose {
+        local: std::net::SocketAddr,
+        protocol: Protocol,
+    },
     Leases,
     Stats,
 }
@@ -76,21 +83,39 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Reply> {
         ("GET", "/services/forwarder/all") => Ok(Request::List),
         ("POST", "/services/forwarder/expose") => {
             let f = parse(body)?;
-            let protocol: Protocol = f.protocol.parse().map_err(|e: crate::forward::ForwardError| bad(e.0))?;
+            let protocol: Protocol = f
+                .protocol
+                .parse()
+                .map_err(|e: crate::forward::ForwardError| bad(e.0))?;
             let local = parse_local(&f.local).map_err(|e| bad(e.0))?;
             let remote = parse_remote(&f.remote).map_err(|e| bad(e.0))?;
-            Ok(Request::Expose(Forward { protocol, local, remote }))
+            Ok(Request::Expose(Forward {
+                protocol,
+                local,
+                remote,
+            }))
         }
         ("POST", "/services/forwarder/unexpose") => {
             let f = parse(body)?;
-            let protocol: Protocol = f.protocol.parse().map_err(|e: crate::forward::ForwardError| bad(e.0))?;
+            let protocol: Protocol = f
+                .protocol
+                .parse()
+                .map_err(|e: crate::forward::ForwardError| bad(e.0))?;
             let local = parse_local(&f.local).map_err(|e| bad(e.0))?;
             Ok(Request::Unexpose { local, protocol })
         }
         ("GET", "/leases") => Ok(Request::Leases),
         ("GET", "/stats") => Ok(Request::Stats),
-        (_, "/services/forwarder/all" | "/services/forwarder/expose" | "/services/forwarder/unexpose")
-        | (_, "/leases" | "/stats") => Err(Reply::Err(405, format!("{method} is not allowed on {path}"))),
+        (
+            _,
+            "/services/forwarder/all"
+            | "/services/forwarder/expose"
+            | "/services/forwarder/unexpose",
+        )
+        | (_, "/leases" | "/stats") => Err(Reply::Err(
+            405,
+            format!("{method} is not allowed on {path}"),
+        )),
         _ => Err(Reply::Err(404, format!("no such endpoint: {path}"))),
     }
 }
@@ -99,12 +124,14 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         _ => "Error",
     }
@@ -127,13 +154,18 @@ async fn respond(stream: &mut UnixStream, reply: Reply) -> io::Result<()> {
 }
 
 /// Read one request from `stream`: (method, path, body), or the error reply.
-async fn read_request(stream: &mut UnixStream) -> io::Result<Result<(String, String, Vec<u8>), Reply>> {
+async fn read_request(
+    stream: &mut UnixStream,
+) -> io::Result<Result<(String, String, Vec<u8>), Reply>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            return Ok(Err(Reply::Err(400, "the request ended before its head".into())));
+            return Ok(Err(Reply::Err(
+                400,
+                "the request ended before its head".into(),
+            )));
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -141,21 +173,39 @@ async fn read_request(stream: &mut UnixStream) -> io::Result<Result<(String, Str
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(head_len)) => {
                 let method = req.method.unwrap_or("").to_string();
-                let path = req.path.unwrap_or("").split('?').next().unwrap_or("").to_string();
+                let path = req
+                    .path
+                    .unwrap_or("")
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
                 let len = req
                     .headers
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
                     .unwrap_or(0);
                 if len > MAX_BODY {
-                    return Ok(Err(Reply::Err(413, format!("bodies are limited to {MAX_BODY} bytes"))));
+                    return Ok(Err(Reply::Err(
+                        413,
+                        format!("bodies are limited to {MAX_BODY} bytes"),
+                    )));
                 }
                 let mut body = buf[head_len..].to_vec();
                 while body.len() < len {
                     let n = stream.read(&mut chunk).await?;
                     if n == 0 {
-                        return Ok(Err(Reply::Err(400, "the request ended inside its body".into())));
+                        return Ok(Err(Reply::Err(
+                            400,
+                            "the request ended inside its body".into(),
+                        )));
                     }
                     body.extend_from_slice(&chunk[..n]);
                 }
@@ -164,7 +214,10 @@ async fn read_request(stream: &mut UnixStream) -> io::Result<Result<(String, Str
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
             Ok(httparse::Status::Partial) => {
-                return Ok(Err(Reply::Err(431, format!("request heads are limited to {MAX_HEAD} bytes"))))
+                return Ok(Err(Reply::Err(
+                    431,
+                    format!("request heads are limited to {MAX_HEAD} bytes"),
+                )))
             }
             Err(e) => return Ok(Err(Reply::Err(400, format!("malformed request: {e}")))),
         }
@@ -174,17 +227,25 @@ async fn read_request(stream: &mut UnixStream) -> io::Result<Result<(String, Str
 /// Serve the API on `listener` until the driver goes away.
 pub async fn serve(listener: tokio::net::UnixListener, control: mpsc::Sender<Control>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
         let control = control.clone();
         tokio::spawn(async move {
-            let reply = match tokio::time::timeout(std::time::Duration::from_secs(10), read_request(&mut stream)).await {
+            let reply = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                read_request(&mut stream),
+            )
+            .await
+            {
                 Ok(Ok(Ok((method, path, body)))) => match route(&method, &path, &body) {
                     Ok(req) => {
                         let (tx, rx) = oneshot::channel();
                         if control.send((req, tx)).await.is_err() {
                             return;
                         }
-                        rx.await.unwrap_or(Reply::Err(503, "the daemon is stopping".into()))
+                        rx.await
+                            .unwrap_or(Reply::Err(503, "the daemon is stopping".into()))
                     }
                     Err(reply) => reply,
                 },
@@ -202,10 +263,16 @@ pub fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the path exists and is not a socket"));
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, "another daemon is listening there"));
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another daemon is listening there",
+            ));
         }
         std::fs::remove_file(path)?;
     }
@@ -221,9 +288,16 @@ pub fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
 }
 
 /// A client call: send `method path` with an optional JSON body, return status and body.
-pub async fn call(path: &Path, method: &str, uri: &str, body: Option<&Value>) -> io::Result<(u16, Value)> {
+pub async fn call(
+    path: &Path,
+    method: &str,
+    uri: &str,
+    body: Option<&Value>,
+) -> io::Result<(u16, Value)> {
     let mut stream = UnixStream::connect(path).await?;
-    let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
+    let body = body
+        .map(|b| serde_json::to_vec(b).unwrap_or_default())
+        .unwrap_or_default();
     let head = format!(
         "{method} {uri} HTTP/1.1\r\nHost: usernet\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -236,12 +310,21 @@ pub async fn call(path: &Path, method: &str, uri: &str, body: Option<&Value>) ->
     let mut r = httparse::Response::new(&mut headers);
     let head_len = match r.parse(&resp) {
         Ok(httparse::Status::Complete(n)) => n,
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed response from the daemon")),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "malformed response from the daemon",
+            ))
+        }
     };
     let status = r.code.unwrap_or(0);
     let value = if resp.len() > head_len {
-        serde_json::from_slice(&resp[head_len..])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad JSON from the daemon: {e}")))?
+        serde_json::from_slice(&resp[head_len..]).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad JSON from the daemon: {e}"),
+            )
+        })?
     } else {
         Value::Null
     };
@@ -255,7 +338,10 @@ mod tests {
 
     #[test]
     fn routes_and_their_errors() {
-        assert_eq!(route("GET", "/services/forwarder/all", b""), Ok(Request::List));
+        assert_eq!(
+            route("GET", "/services/forwarder/all", b""),
+            Ok(Request::List)
+        );
         let body = br#"{"local":"127.0.0.1:8080","remote":"192.168.65.3:80","protocol":"tcp"}"#;
         assert_eq!(
             route("POST", "/services/forwarder/expose", body),
@@ -266,19 +352,37 @@ mod tests {
             }))
         );
         let body = br#"{"local":":8080","remote":":80"}"#;
-        let Ok(Request::Expose(f)) = route("POST", "/services/forwarder/expose", body) else { panic!() };
+        let Ok(Request::Expose(f)) = route("POST", "/services/forwarder/expose", body) else {
+            panic!()
+        };
         assert_eq!((f.protocol, f.remote), (Protocol::Tcp, Remote::Leased(80)));
         assert_eq!(
-            route("POST", "/services/forwarder/unexpose", br#"{"local":"127.0.0.1:8080","protocol":"udp"}"#),
-            Ok(Request::Unexpose { local: "127.0.0.1:8080".parse().unwrap(), protocol: Protocol::Udp })
+            route(
+                "POST",
+                "/services/forwarder/unexpose",
+                br#"{"local":"127.0.0.1:8080","protocol":"udp"}"#
+            ),
+            Ok(Request::Unexpose {
+                local: "127.0.0.1:8080".parse().unwrap(),
+                protocol: Protocol::Udp
+            })
         );
-        assert!(matches!(route("POST", "/services/forwarder/expose", b"{"), Err(Reply::Err(400, _))));
+        assert!(matches!(
+            route("POST", "/services/forwarder/expose", b"{"),
+            Err(Reply::Err(400, _))
+        ));
         assert!(matches!(
             route("POST", "/services/forwarder/expose", br#"{"local":"x","remote":":80"}"#),
             Err(Reply::Err(400, m)) if m.contains("local")
         ));
-        assert!(matches!(route("DELETE", "/leases", b""), Err(Reply::Err(405, _))));
-        assert!(matches!(route("GET", "/nope", b""), Err(Reply::Err(404, _))));
+        assert!(matches!(
+            route("DELETE", "/leases", b""),
+            Err(Reply::Err(405, _))
+        ));
+        assert!(matches!(
+            route("GET", "/nope", b""),
+            Err(Reply::Err(404, _))
+        ));
     }
 
     #[tokio::test]
@@ -288,7 +392,10 @@ mod tests {
         let path = dir.join("api.sock");
         let listener = bind(&path).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(bind(&path).is_err(), "a live socket is not replaced");
         let (tx, mut rx) = mpsc::channel::<Control>(4);
         tokio::spawn(serve(listener, tx));
@@ -301,7 +408,10 @@ mod tests {
             }
         });
         let (status, body) = call(&path, "GET", "/leases", None).await.unwrap();
-        assert_eq!((status, body), (200, json!({"192.168.65.3": "02:00:00:00:00:01"})));
+        assert_eq!(
+            (status, body),
+            (200, json!({"192.168.65.3": "02:00:00:00:00:01"}))
+        );
         let (status, body) = call(&path, "GET", "/stats", None).await.unwrap();
         assert_eq!((status, body["message"].as_str()), (409, Some("busy")));
         let (status, _) = call(&path, "GET", "/missing", None).await.unwrap();

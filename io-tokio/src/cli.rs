@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use usernet_core::config::{DEFAULT_TAP_MTU, DEFAULT_VM_MTU};
 use usernet_core::{Config, Subnet};
 
+use crate::forward::{parse_publish, Forward, Protocol};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "usernet",
@@ -71,6 +73,50 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
     },
+    /// Talk to a running daemon's control API (`--api PATH`): expose and unexpose port
+    /// forwards, list them, show DHCP leases and counters.
+    Ctl {
+        /// The daemon's API socket.
+        #[arg(long, value_name = "PATH")]
+        api: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+/// What `usernet ctl` asks.
+#[derive(Subcommand, Debug, Clone)]
+pub enum CtlAction {
+    /// Forward LOCAL on the host to REMOTE in the guest.
+    Expose {
+        /// Host address to listen on: ADDR:PORT, or :PORT for every address.
+        local: String,
+        /// Guest address: ADDR:PORT, or :PORT for the guest's leased address.
+        remote: String,
+        #[arg(long, default_value = "tcp", value_name = "tcp|udp")]
+        protocol: String,
+    },
+    /// Stop forwarding LOCAL (its listener closes at once; open connections keep running).
+    Unexpose {
+        /// The forward's host address, as exposed.
+        local: String,
+        #[arg(long, default_value = "tcp", value_name = "tcp|udp")]
+        protocol: String,
+    },
+    /// List the forwards: PROTOCOL LOCAL -> REMOTE.
+    List,
+    /// List the DHCP leases: ADDRESS MAC.
+    Leases,
+    /// Print the counters (JSON).
+    Stats,
+}
+
+/// The forwards of one `-p` value (a range gives several).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish(pub Vec<Forward>);
+
+fn parse_publish_arg(s: &str) -> Result<Publish, String> {
+    parse_publish(s).map(Publish).map_err(|e| e.0)
 }
 
 /// Options shared by every transport.
@@ -111,9 +157,33 @@ pub struct NetArgs {
     /// DHCP lease time in seconds.
     #[arg(long, default_value_t = 7200, value_name = "SECONDS")]
     pub lease_time: u64,
-    /// Backlog of every listening socket usernet creates.
+    /// Backlog of every listening socket usernet creates (port forwards included).
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub listen_backlog: u32,
+    /// Forward a host port into the guest (Docker's syntax; repeatable; ranges like
+    /// 8000-8009:8000-8009). Without HOST_IP the forward listens on 127.0.0.1 only (write
+    /// 0.0.0.0:8080:80 to listen on every address). GUEST_PORT is on the guest's DHCP
+    /// lease (the only one), or under `usernet run` the address usernet configured. The
+    /// guest sees each client's own address as the source (a client on the host's
+    /// loopback appears as the host alias). usernet exits if a forward cannot be bound at
+    /// start (address in use, privileged port, address not on this host), as Docker does.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]",
+        value_parser = parse_publish_arg
+    )]
+    pub publish: Vec<Publish>,
+    /// Serve the control API (HTTP/JSON, gvisor-tap-vsock's forwarder shapes) on a UNIX
+    /// socket at PATH, created mode 0600 and removed on exit; `usernet ctl` talks to it.
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<PathBuf>,
+    /// Open TCP connections allowed per port forward; more are reset (and counted).
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub forward_max_connections: usize,
+    /// Open TCP connections allowed through all port forwards together.
+    #[arg(long, default_value_t = 8192, value_name = "N")]
+    pub forward_max_total: usize,
     /// Per-flow TCP buffer in each direction, in KiB.
     #[arg(long, default_value_t = 512, value_name = "KIB")]
     pub tcp_buffer_kib: usize,
@@ -206,18 +276,94 @@ impl NetArgs {
     }
 }
 
+impl NetArgs {
+    /// Every forward of the `-p` options, in order.
+    pub fn forwards(&self) -> Vec<Forward> {
+        self.publish
+            .iter()
+            .flat_map(|p| p.0.iter().copied())
+            .collect()
+    }
+}
+
 impl Command {
-    pub fn net(&self) -> &NetArgs {
+    /// The network options of a transport (`None` for `ctl`).
+    pub fn net(&self) -> Option<&NetArgs> {
         match self {
             Command::Run { net, .. } | Command::Tap { net, .. } | Command::Stream { net, .. } => {
-                net
+                Some(net)
             }
+            Command::Ctl { .. } => None,
         }
     }
     pub fn default_mtu(&self) -> u16 {
         match self {
-            Command::Run { .. } | Command::Tap { .. } => DEFAULT_TAP_MTU,
+            Command::Run { .. } | Command::Tap { .. } | Command::Ctl { .. } => DEFAULT_TAP_MTU,
             Command::Stream { .. } => DEFAULT_VM_MTU,
+        }
+    }
+}
+
+impl CtlAction {
+    /// The API request: method, path and JSON body.
+    pub fn request(
+        &self,
+    ) -> Result<(&'static str, &'static str, Option<serde_json::Value>), CliError> {
+        let proto = |p: &str| {
+            p.parse::<Protocol>()
+                .map(|p| p.as_str())
+                .map_err(|e| CliError(e.0))
+        };
+        Ok(match self {
+            CtlAction::Expose {
+                local,
+                remote,
+                protocol,
+            } => (
+                "POST",
+                "/services/forwarder/expose",
+                Some(
+                    serde_json::json!({"local": local, "remote": remote, "protocol": proto(protocol)?}),
+                ),
+            ),
+            CtlAction::Unexpose { local, protocol } => (
+                "POST",
+                "/services/forwarder/unexpose",
+                Some(serde_json::json!({"local": local, "protocol": proto(protocol)?})),
+            ),
+            CtlAction::List => ("GET", "/services/forwarder/all", None),
+            CtlAction::Leases => ("GET", "/leases", None),
+            CtlAction::Stats => ("GET", "/stats", None),
+        })
+    }
+
+    /// The plain text `usernet ctl` prints for a successful answer.
+    pub fn render(&self, body: &serde_json::Value) -> String {
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+        let forward = |f: &serde_json::Value| {
+            format!(
+                "{} {} -> {}",
+                s(&f["protocol"]),
+                s(&f["local"]),
+                s(&f["remote"])
+            )
+        };
+        match self {
+            CtlAction::Expose { .. } => format!("exposed {}\n", forward(body)),
+            CtlAction::Unexpose { .. } => format!("unexposed {}\n", forward(body)),
+            CtlAction::List => body
+                .as_array()
+                .map(|a| a.iter().map(|f| forward(f) + "\n").collect())
+                .unwrap_or_default(),
+            CtlAction::Leases => body
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(ip, mac)| format!("{ip} {}\n", s(mac)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            CtlAction::Stats => serde_json::to_string_pretty(body).unwrap_or_default() + "\n",
         }
     }
 }
@@ -251,7 +397,12 @@ mod tests {
             "9000",
         ])
         .unwrap();
-        let c = cli.command.net().config(cli.command.default_mtu()).unwrap();
+        let c = cli
+            .command
+            .net()
+            .unwrap()
+            .config(cli.command.default_mtu())
+            .unwrap();
         assert_eq!(c.gateway, Ipv4Addr::new(10, 0, 2, 2));
         assert_eq!(c.host_alias, Some(Ipv4Addr::new(10, 0, 2, 2)));
         assert_eq!(c.first_guest, Ipv4Addr::new(10, 0, 2, 3));
@@ -274,7 +425,7 @@ mod tests {
             "1.2.3.4",
         ])
         .unwrap();
-        let e = cli.command.net().config(1500).unwrap_err();
+        let e = cli.command.net().unwrap().config(1500).unwrap_err();
         assert!(e.0.contains("not inside the subnet"), "{e}");
         assert!(parse_dns("nonsense").is_err());
         let cli = Cli::try_parse_from(["usernet", "run", "--", "sh", "-c", "true"]).unwrap();
@@ -282,6 +433,65 @@ mod tests {
             panic!()
         };
         assert_eq!(cmd, ["sh", "-c", "true"]);
+    }
+
+    #[test]
+    fn publish_and_ctl_options() {
+        let cli = Cli::try_parse_from([
+            "usernet",
+            "run",
+            "-p",
+            "8080:80",
+            "--publish",
+            "0.0.0.0:5353:53/udp",
+            "-p",
+            "9000-9001:9000-9001",
+            "--api",
+            "/tmp/a.sock",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        let net = cli.command.net().unwrap();
+        let f = net.forwards();
+        assert_eq!(f.len(), 4);
+        assert_eq!(f[0].local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(f[1].protocol, Protocol::Udp);
+        assert_eq!(
+            net.api.as_deref(),
+            Some(std::path::Path::new("/tmp/a.sock"))
+        );
+        let e = Cli::try_parse_from(["usernet", "tap", "--tap", "t", "-p", "80"]).unwrap_err();
+        assert!(e.to_string().contains("HOST_PORT:GUEST_PORT"), "{e}");
+        let cli = Cli::try_parse_from([
+            "usernet",
+            "ctl",
+            "--api",
+            "/tmp/a.sock",
+            "expose",
+            ":8080",
+            "192.168.65.3:80",
+            "--protocol",
+            "udp",
+        ])
+        .unwrap();
+        let Command::Ctl { action, .. } = cli.command else {
+            panic!()
+        };
+        let (m, p, body) = action.request().unwrap();
+        assert_eq!((m, p), ("POST", "/services/forwarder/expose"));
+        assert_eq!(body.unwrap()["protocol"], "udp");
+        let listed =
+            serde_json::json!([{"local":"127.0.0.1:8080","remote":":80","protocol":"tcp"}]);
+        assert_eq!(
+            CtlAction::List.render(&listed),
+            "tcp 127.0.0.1:8080 -> :80\n"
+        );
+        let bad = CtlAction::Unexpose {
+            local: ":1".into(),
+            protocol: "sctp".into(),
+        };
+        assert!(bad.request().is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::future::{poll_fn, Future};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -20,7 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use usernet_core::{ConnectError, FlowId, HostCommand, Instant, Stack};
 
-use crate::hostnet::{BoxFuture, HostNet, HostPing, HostUdp};
+use crate::api::{Control, Reply, Request};
+use crate::forward::{Forward, Protocol, Remote};
+use crate::hostnet::{BoxFuture, HostListener, HostNet, HostPing, HostUdp};
 use crate::transport::FrameTransport;
 
 /// Bytes queued towards the guest before the loop stops draining the core and flushes.
@@ -33,28 +35,46 @@ enum Event {
     Ping(FlowId, u16, Vec<u8>),
 }
 
-/// Flow ids whose host socket became ready, and the loop's waker.
+/// Flow ids whose host socket became ready, forwards whose listening socket did, and the
+/// loop's waker.
 #[derive(Default)]
 struct ReadyQueue {
-    inner: Mutex<(Vec<FlowId>, Option<Waker>)>,
+    inner: Mutex<ReadyInner>,
+}
+
+#[derive(Default)]
+struct ReadyInner {
+    flows: Vec<FlowId>,
+    forwards: Vec<u64>,
+    waker: Option<Waker>,
 }
 
 impl ReadyQueue {
     fn push(&self, id: FlowId) {
         let mut g = self.inner.lock().expect("not poisoned");
-        g.0.push(id);
-        if let Some(w) = g.1.take() {
+        g.flows.push(id);
+        if let Some(w) = g.waker.take() {
             w.wake();
         }
     }
-    fn take(&self, into: &mut Vec<FlowId>) {
+    fn push_forward(&self, id: u64) {
         let mut g = self.inner.lock().expect("not poisoned");
-        into.append(&mut g.0);
+        g.forwards.push(id);
+        if let Some(w) = g.waker.take() {
+            w.wake();
+        }
+    }
+    fn take(&self, into: &mut Vec<FlowId>, forwards: &mut Vec<u64>) {
+        let mut g = self.inner.lock().expect("not poisoned");
+        into.append(&mut g.flows);
+        if !g.forwards.is_empty() {
+            forwards.append(&mut g.forwards);
+        }
     }
     fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut g = self.inner.lock().expect("not poisoned");
-        if g.0.is_empty() {
-            g.1 = Some(cx.waker().clone());
+        if g.flows.is_empty() && g.forwards.is_empty() {
+            g.waker = Some(cx.waker().clone());
             Poll::Pending
         } else {
             Poll::Ready(())
@@ -73,6 +93,21 @@ impl Wake for FlowWaker {
     }
     fn wake_by_ref(self: &Arc<Self>) {
         self.queue.push(self.id);
+    }
+}
+
+/// The waker of a forward's listening socket: it queues the forward's id.
+struct ForwardWaker {
+    id: u64,
+    queue: Arc<ReadyQueue>,
+}
+
+impl Wake for ForwardWaker {
+    fn wake(self: Arc<Self>) {
+        self.queue.push_forward(self.id);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.queue.push_forward(self.id);
     }
 }
 
@@ -130,7 +165,63 @@ pub struct DriverStats {
     pub connects_failed: u64,
     pub udp_dropped: u64,
     pub ping_unavailable: u64,
+    /// Connections accepted on forwards and opened into the guest.
+    pub forward_accepted: u64,
+    /// Connections refused because a forward or all forwards together had as many as
+    /// allowed ([`ForwardLimits`]).
+    pub forward_limit_hits: u64,
+    /// Connections and datagrams refused because a `:PORT` forward had no single guest
+    /// to go to (no DHCP lease, or several).
+    pub forward_no_guest: u64,
+    /// Connections and datagrams the core refused (flow table full, same addresses busy).
+    pub forward_refused: u64,
+    /// Errors from `accept` on a forward's listener (out of descriptors, ...).
+    pub forward_accept_errors: u64,
+    /// Datagrams received on UDP forwards and handed to the core.
+    pub forward_udp_in: u64,
 }
+
+/// Limits on connections through port forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardLimits {
+    /// Open TCP connections per forward.
+    pub per_forward: usize,
+    /// Open TCP connections through all forwards together.
+    pub total: usize,
+}
+
+impl Default for ForwardLimits {
+    fn default() -> Self {
+        ForwardLimits {
+            per_forward: 4096,
+            total: 8192,
+        }
+    }
+}
+
+/// A forward's host socket: a TCP listener, or a bound UDP socket with a receive in
+/// progress.
+enum Listener<N: HostNet> {
+    Tcp(Box<dyn HostListener<N::Tcp>>),
+    Udp {
+        socket: Arc<N::Udp>,
+        recv: RecvFuture,
+    },
+}
+
+/// One port forward, polled in place with a waker that queues its id.
+struct ForwardIo<N: HostNet> {
+    forward: Forward,
+    listener: Listener<N>,
+    waker: Waker,
+    /// TCP connections open through this forward.
+    active: usize,
+}
+
+/// Connections taken from one listener per service before others get their turn.
+const ACCEPT_BATCH: usize = 64;
+/// Wait before polling a listener again after `accept` failed (out of descriptors).
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The loop's state apart from the core and the transport.
 pub struct Driver<N: HostNet> {
@@ -148,6 +239,21 @@ pub struct Driver<N: HostNet> {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     pub stats: DriverStats,
+    /// Port forwards by id (ids are never reused).
+    forwards: BTreeMap<u64, ForwardIo<N>>,
+    next_forward: u64,
+    /// Forwards whose listener became ready.
+    forward_ids: Vec<u64>,
+    /// TCP flows opened by forwards, and the forward each came through.
+    inbound_tcp: BTreeMap<FlowId, u64>,
+    /// UDP flows opened by forwards: their replies leave from the forward's socket.
+    inbound_udp: BTreeMap<FlowId, u64>,
+    forward_limits: ForwardLimits,
+    listen_backlog: u32,
+    /// Where `:PORT` forwards lead when no guest holds a DHCP lease.
+    default_guest: Option<std::net::Ipv4Addr>,
+    /// Control API requests.
+    control: Option<mpsc::Receiver<Control>>,
 }
 
 impl<N: HostNet> Driver<N> {
@@ -166,7 +272,120 @@ impl<N: HostNet> Driver<N> {
             events_tx,
             events_rx,
             stats: DriverStats::default(),
+            forwards: BTreeMap::new(),
+            next_forward: 0,
+            forward_ids: Vec::new(),
+            inbound_tcp: BTreeMap::new(),
+            inbound_udp: BTreeMap::new(),
+            forward_limits: ForwardLimits::default(),
+            listen_backlog: 128,
+            default_guest: None,
+            control: None,
         }
+    }
+
+    /// Serve control API requests arriving on `rx` (see [`crate::api::serve`]).
+    pub fn set_control(&mut self, rx: mpsc::Receiver<Control>) {
+        self.control = Some(rx);
+    }
+
+    /// Backlog of the listening socket of every forward exposed from now on.
+    pub fn set_listen_backlog(&mut self, backlog: u32) {
+        self.listen_backlog = backlog;
+    }
+
+    pub fn set_forward_limits(&mut self, limits: ForwardLimits) {
+        self.forward_limits = limits;
+    }
+
+    /// Where `:PORT` forwards lead while no guest holds a DHCP lease (`usernet run`
+    /// configures its namespace itself, without DHCP).
+    pub fn set_default_guest(&mut self, guest: Option<std::net::Ipv4Addr>) {
+        self.default_guest = guest;
+    }
+
+    /// Start forwarding `forward`: its host socket is bound now, so a bind error (address
+    /// in use, privileged port, address not on this host) comes back as a one-line
+    /// reason. Other forwards are not affected either way.
+    pub async fn expose(&mut self, forward: Forward) -> Result<(), String> {
+        self.expose_inner(forward).await.map_err(|(_, m)| m)
+    }
+
+    /// `expose`, with the HTTP status that fits the error.
+    async fn expose_inner(&mut self, f: Forward) -> Result<(), (u16, String)> {
+        if let Some(old) = self
+            .forwards
+            .values()
+            .find(|x| x.forward.protocol == f.protocol && x.forward.local == f.local)
+        {
+            return Err((
+                409,
+                format!(
+                    "{} {} is already exposed (to {})",
+                    f.protocol.as_str(),
+                    f.local,
+                    old.forward.remote
+                ),
+            ));
+        }
+        let listener = match f.protocol {
+            Protocol::Tcp => Listener::Tcp(
+                self.net
+                    .tcp_listen(f.local, self.listen_backlog)
+                    .map_err(|e| bind_error(&f, &e))?,
+            ),
+            Protocol::Udp => {
+                let socket = Arc::new(
+                    self.net
+                        .udp_bind_at(f.local)
+                        .await
+                        .map_err(|e| bind_error(&f, &e))?,
+                );
+                Listener::Udp {
+                    recv: recv_future(socket.clone(), vec![0u8; 65536]),
+                    socket,
+                }
+            }
+        };
+        let id = self.next_forward;
+        self.next_forward += 1;
+        let waker = Waker::from(Arc::new(ForwardWaker {
+            id,
+            queue: self.ready.clone(),
+        }));
+        self.forwards.insert(
+            id,
+            ForwardIo {
+                forward: f,
+                listener,
+                waker,
+                active: 0,
+            },
+        );
+        // Polled once by the loop, which registers the waker.
+        self.ready.push_forward(id);
+        tracing::info!(forward = %f, "exposed");
+        Ok(())
+    }
+
+    /// Stop forwarding `local`: its host socket is closed at once. Connections already
+    /// open through it keep running until either side closes them; UDP flows lose their
+    /// socket (their replies are dropped) and expire.
+    pub fn unexpose(&mut self, local: SocketAddr, protocol: Protocol) -> Result<Forward, String> {
+        let id = self
+            .forwards
+            .iter()
+            .find(|(_, x)| x.forward.protocol == protocol && x.forward.local == local)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| format!("{} {local} is not exposed", protocol.as_str()))?;
+        let f = self.forwards.remove(&id).expect("found").forward;
+        tracing::info!(forward = %f, "unexposed");
+        Ok(f)
+    }
+
+    /// The forwards, in the order they were exposed.
+    pub fn list(&self) -> Vec<Forward> {
+        self.forwards.values().map(|x| x.forward).collect()
     }
 
     /// The core's clock: time since the driver started, from tokio's clock (which the
@@ -243,6 +462,16 @@ impl<N: HostNet> Driver<N> {
                 }
                 _ = poll_fn(|cx| ready.poll_ready(cx)) => {}
                 _ = sleep.as_mut(), if armed.is_some() => armed = None,
+                req = poll_fn(|cx| match self.control.as_mut() {
+                    Some(rx) => rx.poll_recv(cx),
+                    None => Poll::Pending,
+                }), if self.control.is_some() => match req {
+                    Some((req, reply)) => {
+                        let r = self.control_request(stack, req).await;
+                        let _ = reply.send(r);
+                    }
+                    None => self.control = None,
+                },
             }
             // Whatever woke us, give every source its turn so none starves under load.
             for _ in 0..EVENT_BATCH {
@@ -250,6 +479,10 @@ impl<N: HostNet> Driver<N> {
                     Ok(ev) => self.handle_event(stack, ev),
                     Err(_) => break,
                 }
+            }
+            if let Some(Ok((req, reply))) = self.control.as_mut().map(|rx| rx.try_recv()) {
+                let r = self.control_request(stack, req).await;
+                let _ = reply.send(r);
             }
             self.service_ready(stack);
         }
@@ -316,6 +549,7 @@ impl<N: HostNet> Driver<N> {
                 self.pending_connects.remove(&flow);
                 self.connected.retain(|(f, ..)| *f != flow);
                 self.tcp.remove(&flow);
+                self.forget_inbound(flow);
             }
             HostCommand::TcpAbort { flow } => {
                 self.pending_connects.remove(&flow);
@@ -323,10 +557,22 @@ impl<N: HostNet> Driver<N> {
                 if let Some(io) = self.tcp.remove(&flow) {
                     self.net.tcp_abort(io.stream);
                 }
+                self.forget_inbound(flow);
             }
-            HostCommand::UdpSend { flow, dst, payload } => self.udp_send(flow, dst, payload),
+            HostCommand::UdpSend { flow, dst, payload } => {
+                if !self.inbound_udp.is_empty() {
+                    if let Some(&id) = self.inbound_udp.get(&flow) {
+                        self.forward_udp_send(id, dst, payload);
+                        return;
+                    }
+                }
+                self.udp_send(flow, dst, payload)
+            }
             HostCommand::UdpClose { flow } => {
                 self.udp.remove(&flow);
+                if !self.inbound_udp.is_empty() {
+                    self.inbound_udp.remove(&flow);
+                }
             }
             HostCommand::PingSend {
                 flow,
@@ -383,7 +629,16 @@ impl<N: HostNet> Driver<N> {
     }
 
     fn service_ready(&mut self, stack: &mut Stack) {
-        self.ready.take(&mut self.ready_ids);
+        self.ready.take(&mut self.ready_ids, &mut self.forward_ids);
+        if !self.forward_ids.is_empty() {
+            let mut ids = std::mem::take(&mut self.forward_ids);
+            ids.sort_unstable();
+            ids.dedup();
+            for id in ids.drain(..) {
+                self.service_forward(stack, id);
+            }
+            self.forward_ids = ids;
+        }
         self.service_ready_now(stack);
     }
 
@@ -477,7 +732,244 @@ impl<N: HostNet> Driver<N> {
         if let Some(io) = self.tcp.remove(&flow) {
             self.net.tcp_abort(io.stream);
         }
+        self.forget_inbound(flow);
         stack.tcp_host_reset(flow);
+    }
+
+    /// A TCP flow ended: if a forward opened it, it no longer counts against the limits.
+    fn forget_inbound(&mut self, flow: FlowId) {
+        if self.inbound_tcp.is_empty() {
+            return;
+        }
+        if let Some(id) = self.inbound_tcp.remove(&flow) {
+            if let Some(f) = self.forwards.get_mut(&id) {
+                f.active = f.active.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Accept what waits on a forward's listener (or receive what waits on its UDP
+    /// socket) and open each into the guest.
+    fn service_forward(&mut self, stack: &mut Stack, id: u64) {
+        let now = self.now();
+        let default_guest = self.default_guest;
+        let Some(fwd) = self.forwards.get_mut(&id) else {
+            return;
+        };
+        let forward = fwd.forward;
+        let waker = fwd.waker.clone();
+        let mut cx = Context::from_waker(&waker);
+        match &mut fwd.listener {
+            Listener::Tcp(listener) => {
+                for _ in 0..ACCEPT_BATCH {
+                    let (stream, client) = match listener.poll_accept(&mut cx) {
+                        Poll::Pending => return,
+                        Poll::Ready(Ok(x)) => x,
+                        Poll::Ready(Err(e)) => {
+                            self.stats.forward_accept_errors += 1;
+                            if self.stats.forward_accept_errors.is_power_of_two() {
+                                tracing::warn!(%forward, error = %e, "accept failed");
+                            }
+                            // The listener stays readable without a waker: look again
+                            // after a pause rather than spin.
+                            let waker = waker.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(ACCEPT_RETRY).await;
+                                waker.wake();
+                            });
+                            return;
+                        }
+                    };
+                    if fwd.active >= self.forward_limits.per_forward
+                        || self.inbound_tcp.len() >= self.forward_limits.total
+                    {
+                        self.stats.forward_limit_hits += 1;
+                        if self.stats.forward_limit_hits.is_power_of_two() {
+                            tracing::warn!(
+                                %forward, %client, per_forward = self.forward_limits.per_forward,
+                                total = self.forward_limits.total,
+                                "connection limit reached: connection refused"
+                            );
+                        }
+                        self.net.tcp_abort(stream);
+                        continue;
+                    }
+                    let guest = match resolve_remote(stack, forward.remote, default_guest) {
+                        Ok(g) => g,
+                        Err(why) => {
+                            self.stats.forward_no_guest += 1;
+                            if self.stats.forward_no_guest.is_power_of_two() {
+                                tracing::warn!(%forward, %client, "{why}: connection refused");
+                            }
+                            self.net.tcp_abort(stream);
+                            continue;
+                        }
+                    };
+                    match stack.tcp_open_inbound(now, guest, client) {
+                        Ok(flow) => {
+                            self.stats.forward_accepted += 1;
+                            fwd.active += 1;
+                            self.inbound_tcp.insert(flow, id);
+                            let waker = Waker::from(Arc::new(FlowWaker {
+                                id: flow,
+                                queue: self.ready.clone(),
+                            }));
+                            // The core says `TcpReady` once the guest accepted (or
+                            // `TcpAbort` if it refused).
+                            self.tcp.insert(
+                                flow,
+                                TcpIo {
+                                    stream,
+                                    waker,
+                                    shutdown_wanted: false,
+                                    write_shut: false,
+                                    read_eof: false,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            self.stats.forward_refused += 1;
+                            tracing::debug!(%forward, %client, %guest, error = %e, "inbound connection refused");
+                            self.net.tcp_abort(stream);
+                        }
+                    }
+                }
+            }
+            Listener::Udp { socket, recv } => {
+                for _ in 0..UDP_RECV_BATCH {
+                    let Poll::Ready((r, buf)) = recv.as_mut().poll(&mut cx) else {
+                        return;
+                    };
+                    match r {
+                        Ok((n, client)) => {
+                            match resolve_remote(stack, forward.remote, default_guest) {
+                                Ok(guest) => match stack.udp_inbound(now, client, guest, &buf[..n])
+                                {
+                                    Ok(flow) => {
+                                        self.stats.forward_udp_in += 1;
+                                        self.inbound_udp.insert(flow, id);
+                                    }
+                                    Err(e) => {
+                                        self.stats.forward_refused += 1;
+                                        tracing::debug!(%forward, %client, error = %e, "inbound datagram refused");
+                                    }
+                                },
+                                Err(why) => {
+                                    self.stats.forward_no_guest += 1;
+                                    if self.stats.forward_no_guest.is_power_of_two() {
+                                        tracing::warn!(%forward, %client, "{why}: datagram dropped");
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::trace!(%forward, error = %e, "udp forward receive error")
+                        }
+                    }
+                    *recv = recv_future(socket.clone(), buf);
+                }
+            }
+        }
+        // More may be waiting: come back after the others had their turn.
+        self.ready.push_forward(id);
+    }
+
+    /// A guest's reply on a UDP forward's flow: it leaves from the forward's socket, so
+    /// the client sees it come from the address it sent to.
+    fn forward_udp_send(&mut self, id: u64, dst: SocketAddr, payload: &[u8]) {
+        match self.forwards.get(&id).map(|f| &f.listener) {
+            Some(Listener::Udp { socket, .. }) => {
+                if socket.try_send_to(payload, dst).is_err() {
+                    self.stats.udp_dropped += 1;
+                }
+            }
+            // The forward was unexposed: its socket is gone.
+            _ => self.stats.udp_dropped += 1,
+        }
+    }
+
+    /// Answer one control API request.
+    async fn control_request(&mut self, stack: &mut Stack, req: Request) -> Reply {
+        match req {
+            Request::List => Reply::Ok(serde_json::Value::Array(
+                self.list()
+                    .iter()
+                    .map(|f| {
+                        serde_json::to_value(crate::api::ForwardJson::from(f)).unwrap_or_default()
+                    })
+                    .collect(),
+            )),
+            Request::Expose(f) => match self.expose_inner(f).await {
+                Ok(()) => Reply::Ok(
+                    serde_json::to_value(crate::api::ForwardJson::from(&f)).unwrap_or_default(),
+                ),
+                Err((status, m)) => Reply::Err(status, m),
+            },
+            Request::Unexpose { local, protocol } => match self.unexpose(local, protocol) {
+                Ok(f) => Reply::Ok(
+                    serde_json::to_value(crate::api::ForwardJson::from(&f)).unwrap_or_default(),
+                ),
+                Err(m) => Reply::Err(404, m),
+            },
+            Request::Leases => {
+                let mut m = serde_json::Map::new();
+                for (mac, ip) in stack.leases() {
+                    let mac = mac
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":");
+                    m.insert(ip.to_string(), serde_json::Value::String(mac));
+                }
+                Reply::Ok(serde_json::Value::Object(m))
+            }
+            Request::Stats => Reply::Ok(self.stats_json(stack)),
+        }
+    }
+
+    /// The core's counters and the driver's, as JSON (`GET /stats`).
+    pub fn stats_json(&self, stack: &Stack) -> serde_json::Value {
+        let s = stack.stats();
+        let drops: serde_json::Map<String, serde_json::Value> = s
+            .drops()
+            .map(|(r, n)| (r.as_str().to_string(), n.into()))
+            .collect();
+        let d = &self.stats;
+        serde_json::json!({
+            "core": {
+                "frames_in": s.frames_in,
+                "frames_out": s.frames_out,
+                "bytes_in": s.bytes_in,
+                "bytes_out": s.bytes_out,
+                "tcp_flows_opened": s.tcp_flows_opened,
+                "tcp_connects_failed": s.tcp_connects_failed,
+                "udp_flows_opened": s.udp_flows_opened,
+                "icmp_echo_requests": s.icmp_echo_requests,
+                "icmp_echo_replies": s.icmp_echo_replies,
+                "arp_replies": s.arp_replies,
+                "dhcp_replies": s.dhcp_replies,
+                "drops": drops,
+                "total_drops": s.total_drops(),
+                "tcp_flows": stack.tcp_flow_count(),
+                "udp_flows": stack.udp_flow_count(),
+                "ping_flows": stack.ping_flow_count(),
+            },
+            "driver": {
+                "connects_ok": d.connects_ok,
+                "connects_failed": d.connects_failed,
+                "udp_dropped": d.udp_dropped,
+                "ping_unavailable": d.ping_unavailable,
+                "forwards": self.forwards.len(),
+                "forward_connections": self.inbound_tcp.len(),
+                "forward_accepted": d.forward_accepted,
+                "forward_limit_hits": d.forward_limit_hits,
+                "forward_no_guest": d.forward_no_guest,
+                "forward_refused": d.forward_refused,
+                "forward_accept_errors": d.forward_accept_errors,
+                "forward_udp_in": d.forward_udp_in,
+                "host_sockets": self.open_sockets(),
+            },
+        })
     }
 
     fn udp_send(&mut self, flow: FlowId, dst: SocketAddr, payload: &[u8]) {
@@ -634,6 +1126,52 @@ impl<N: HostNet> Driver<N> {
     }
 }
 
+/// The guest address a forward's connection or datagram goes to now.
+fn resolve_remote(
+    stack: &Stack,
+    remote: Remote,
+    default_guest: Option<std::net::Ipv4Addr>,
+) -> Result<SocketAddrV4, String> {
+    let port = match remote {
+        Remote::Addr(a) => return Ok(a),
+        Remote::Leased(p) => p,
+    };
+    let mut leases = stack.leases();
+    match (leases.next(), leases.next()) {
+        (Some((_, ip)), None) => Ok(SocketAddrV4::new(ip, port)),
+        (None, _) => match default_guest {
+            Some(ip) => Ok(SocketAddrV4::new(ip, port)),
+            None => Err("no guest holds a DHCP lease (name the guest: ADDR:PORT)".into()),
+        },
+        (Some(_), Some(_)) => Err(format!(
+            "{} guests hold DHCP leases (name one: ADDR:PORT)",
+            2 + leases.count()
+        )),
+    }
+}
+
+/// One line saying why a forward's socket could not be bound, and an HTTP status.
+fn bind_error(f: &Forward, e: &io::Error) -> (u16, String) {
+    let (status, why) = match e.kind() {
+        io::ErrorKind::AddrInUse => (409, "the address is already in use".to_string()),
+        io::ErrorKind::PermissionDenied => (
+            403,
+            "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_string(),
+        ),
+        io::ErrorKind::AddrNotAvailable => (400, "the address is not on this host".to_string()),
+        io::ErrorKind::Unsupported => (501, e.to_string()),
+        _ => (500, e.to_string()),
+    };
+    (
+        status,
+        format!(
+            "cannot listen on {} {}: {why}",
+            f.protocol.as_str(),
+            f.local
+        ),
+    )
+}
+
 fn connect_error(e: &io::Error) -> ConnectError {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => ConnectError::Refused,
@@ -642,5 +1180,80 @@ fn connect_error(e: &io::Error) -> ConnectError {
             ConnectError::Unreachable
         }
         _ => ConnectError::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TokioNet;
+    use usernet_core::{Config, Rng};
+
+    fn stack() -> Stack {
+        use rand_chacha::rand_core::SeedableRng;
+        let c = Config::for_subnet("192.168.65.0/24".parse().unwrap());
+        Stack::new(c, Rng::seed_from_u64(1), Instant::from_micros(0)).unwrap()
+    }
+
+    #[test]
+    fn remotes_resolve_to_an_address_or_a_reason() {
+        let s = stack();
+        let a: SocketAddrV4 = "192.168.65.9:80".parse().unwrap();
+        assert_eq!(resolve_remote(&s, Remote::Addr(a), None), Ok(a));
+        let e = resolve_remote(&s, Remote::Leased(80), None).unwrap_err();
+        assert!(e.contains("no guest holds a DHCP lease"), "{e}");
+        let g = "192.168.65.3".parse().unwrap();
+        assert_eq!(
+            resolve_remote(&s, Remote::Leased(80), Some(g)),
+            Ok(SocketAddrV4::new(g, 80))
+        );
+    }
+
+    /// Binds on this machine's loopback only.
+    #[tokio::test]
+    async fn expose_binds_now_and_reports_why_not() {
+        let mut d = Driver::new(TokioNet);
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy_addr = busy.local_addr().unwrap();
+        let f = |local: SocketAddr, protocol| Forward {
+            protocol,
+            local,
+            remote: Remote::Leased(80),
+        };
+        let e = d.expose(f(busy_addr, Protocol::Tcp)).await.unwrap_err();
+        assert_eq!(
+            e,
+            format!("cannot listen on tcp {busy_addr}: the address is already in use")
+        );
+        // Every port free: the kernel picks one, which is what the forward lists.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let free_addr = free.local_addr().unwrap();
+        drop(free);
+        d.expose(f(free_addr, Protocol::Tcp)).await.unwrap();
+        let e = d.expose(f(free_addr, Protocol::Tcp)).await.unwrap_err();
+        assert!(e.contains("already exposed"), "{e}");
+        // The same port for UDP is another forward.
+        let udp_busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let e = d
+            .expose(f(udp_busy.local_addr().unwrap(), Protocol::Udp))
+            .await
+            .unwrap_err();
+        assert!(e.starts_with("cannot listen on udp"), "{e}");
+        let e = d
+            .expose(f("192.0.2.1:8080".parse().unwrap(), Protocol::Tcp))
+            .await
+            .unwrap_err();
+        assert!(e.ends_with("the address is not on this host"), "{e}");
+        assert_eq!(d.list(), vec![f(free_addr, Protocol::Tcp)]);
+        // Unexpose closes the listener at once.
+        d.unexpose(free_addr, Protocol::Tcp).unwrap();
+        assert_eq!(
+            std::net::TcpStream::connect(free_addr)
+                .map_err(|e| e.kind())
+                .err(),
+            Some(io::ErrorKind::ConnectionRefused)
+        );
+        assert!(d.unexpose(free_addr, Protocol::Tcp).is_err());
+        assert!(d.list().is_empty());
     }
 }

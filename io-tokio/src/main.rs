@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rand_chacha::rand_core::SeedableRng;
-use usernet::cli::{Cli, CliError, Command};
+use usernet::api;
+use usernet::cli::{Cli, CliError, Command, CtlAction, NetArgs};
+use usernet::driver::ForwardLimits;
 use usernet::netns::{spawn_in_new_netns, NetnsSetup};
 use usernet::stream::{self, StreamTransport};
 use usernet::tap::{open_tap, TapTransport};
@@ -22,6 +24,9 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
     let cli = Cli::parse();
+    if let Command::Ctl { api, action } = &cli.command {
+        return ctl(api, action);
+    }
     let default_level = match cli.verbose {
         // `run` is a wrapper around a command: it stays quiet unless something is wrong.
         0 if matches!(cli.command, Command::Run { .. }) => "warn",
@@ -63,6 +68,95 @@ fn main() -> ExitCode {
     }
 }
 
+/// `usernet ctl`: one request to the daemon's API; the answer printed plainly.
+fn ctl(path: &std::path::Path, action: &CtlAction) -> ExitCode {
+    let fail = |m: String| {
+        eprintln!("usernet: {m}");
+        ExitCode::FAILURE
+    };
+    let (method, uri, body) = match action.request() {
+        Ok(r) => r,
+        Err(e) => return fail(e.0),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let r = runtime.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            api::call(path, method, uri, body.as_ref()),
+        )
+        .await
+    });
+    match r {
+        Err(_) => fail(format!(
+            "{}: the daemon did not answer within 30 s",
+            path.display()
+        )),
+        Ok(Err(e)) => fail(format!("{}: {e}", path.display())),
+        Ok(Ok((200, value))) => {
+            print!("{}", action.render(&value));
+            ExitCode::SUCCESS
+        }
+        Ok(Ok((status, value))) => match value["message"].as_str() {
+            Some(m) => fail(m.to_string()),
+            None => fail(format!("the daemon answered {status}: {value}")),
+        },
+    }
+}
+
+/// Removes the API socket when the daemon stops.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The driver with the port forwards of `-p` bound (any failure is fatal, as in Docker)
+/// and the control API listening when `--api` asks for it.
+async fn new_driver(
+    net: &NetArgs,
+    default_guest: Option<std::net::Ipv4Addr>,
+) -> Result<(Driver<TokioNet>, Option<RemoveOnDrop>), CliError> {
+    let mut driver = Driver::new(TokioNet);
+    driver.set_listen_backlog(net.listen_backlog);
+    driver.set_forward_limits(ForwardLimits {
+        per_forward: net.forward_max_connections,
+        total: net.forward_max_total,
+    });
+    driver.set_default_guest(default_guest);
+    for f in net.forwards() {
+        driver
+            .expose(f)
+            .await
+            .map_err(|e| CliError(format!("{e} (forward {f})")))?;
+    }
+    let guard = match &net.api {
+        Some(path) => {
+            let listener = api::bind(path).map_err(|e| {
+                CliError(format!(
+                    "cannot create the API socket {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let guard = RemoveOnDrop(path.clone());
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(api::serve(listener, tx));
+            driver.set_control(rx);
+            tracing::info!(path = %path.display(), "control API listening");
+            Some(guard)
+        }
+        None => None,
+    };
+    Ok((driver, guard))
+}
+
 fn seed(fixed: Option<u64>) -> u64 {
     fixed.unwrap_or_else(|| {
         let mut b = [0u8; 8];
@@ -98,12 +192,12 @@ async fn terminated() {
 }
 
 async fn serve_transport<T: FrameTransport>(
+    mut driver: Driver<TokioNet>,
     config: Config,
     seed: u64,
     transport: &mut T,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), CliError> {
-    let mut driver = Driver::new(TokioNet);
     let mut stack = new_stack(config, seed, &driver)?;
     let r = driver.run(&mut stack, transport, stop).await;
     tracing::info!(stats = ?stack.stats(), driver = ?driver.stats, "stopped");
@@ -111,7 +205,10 @@ async fn serve_transport<T: FrameTransport>(
 }
 
 async fn serve(command: Command) -> Result<ExitCode, CliError> {
-    let net = command.net().clone();
+    let net = command
+        .net()
+        .ok_or_else(|| CliError("not a transport".into()))?
+        .clone();
     let config = net.config(command.default_mtu())?;
     let seed = seed(net.seed);
     tracing::info!(
@@ -123,7 +220,8 @@ async fn serve(command: Command) -> Result<ExitCode, CliError> {
             let fd = open_tap(netns.as_deref(), &tap).map_err(|e| CliError(e.to_string()))?;
             let mut transport =
                 TapTransport::new(fd).map_err(|e| CliError(format!("tap {tap}: {e}")))?;
-            serve_transport(config, seed, &mut transport, terminated()).await?;
+            let (driver, _api) = new_driver(&net, None).await?;
+            serve_transport(driver, config, seed, &mut transport, terminated()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Stream { socket, .. } => {
@@ -131,9 +229,11 @@ async fn serve(command: Command) -> Result<ExitCode, CliError> {
                 .map_err(|e| CliError(format!("cannot listen on {}: {e}", socket.display())))?;
             tracing::info!(path = %socket.display(), "waiting for a VMM (-netdev stream)");
             let mut transport = StreamTransport::new(listener);
-            serve_transport(config, seed, &mut transport, terminated()).await?;
+            let (driver, _api) = new_driver(&net, None).await?;
+            serve_transport(driver, config, seed, &mut transport, terminated()).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ctl { .. } => Err(CliError("ctl is not a transport".into())),
         Command::Run {
             tap,
             no_configure,
@@ -147,6 +247,10 @@ async fn serve(command: Command) -> Result<ExitCode, CliError> {
                     .then_some((config.first_guest, config.subnet.prefix_len())),
                 gateway: (!no_configure).then_some(config.gateway),
             };
+            // Forwards and the API first: a port that cannot be bound stops usernet before
+            // the command runs.
+            let (driver, _api) =
+                new_driver(&net, (!no_configure).then_some(config.first_guest)).await?;
             let mut sandbox =
                 spawn_in_new_netns(&setup, &cmd).map_err(|e| CliError(e.to_string()))?;
             let fd = sandbox
@@ -161,7 +265,7 @@ async fn serve(command: Command) -> Result<ExitCode, CliError> {
                     _ = terminated() => {}
                 }
             };
-            serve_transport(config, seed, &mut transport, child).await?;
+            serve_transport(driver, config, seed, &mut transport, child).await?;
             match status {
                 Some(Ok(s)) => {
                     use std::os::unix::process::ExitStatusExt;
