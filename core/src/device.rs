@@ -21,12 +21,56 @@ pub(crate) struct FrameQueue {
     pool: Vec<Vec<u8>>,
     /// Bytes queued (Ethernet frames).
     bytes: usize,
+    /// Frames for a guest address whose MAC is not known yet, waiting for its ARP reply
+    /// (as a kernel's neighbour queue does), oldest first.
+    parked: VecDeque<(Ipv4Addr, Vec<u8>)>,
+    /// Addresses to send an ARP request for.
+    pub arp_wanted: Vec<Ipv4Addr>,
 }
+
+/// Frames parked for unresolved neighbours at most; beyond, the oldest is dropped.
+const PARKED_MAX: usize = 64;
 
 /// Buffers kept for reuse at most: enough for a burst, bounded so a burst cannot pin memory.
 const POOL_MAX: usize = 256;
 
 impl FrameQueue {
+    /// Move the frame just pushed aside until `dst` resolves. Returns whether one older
+    /// frame had to be dropped to make room.
+    pub fn park_last(&mut self, dst: Ipv4Addr) -> bool {
+        let Some(f) = self.frames.pop_back() else {
+            return false;
+        };
+        self.bytes -= f.len();
+        if !self.arp_wanted.contains(&dst) {
+            self.arp_wanted.push(dst);
+        }
+        self.parked.push_back((dst, f));
+        if self.parked.len() > PARKED_MAX {
+            self.parked.pop_front();
+            return true;
+        }
+        false
+    }
+
+    /// `ip` resolved to `mac`: send what waited for it.
+    pub fn release(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.parked.len() {
+            if self.parked[i].0 == ip {
+                let (_, mut f) = self.parked.remove(i).expect("in range");
+                f[0..6].copy_from_slice(&mac);
+                self.bytes += f.len();
+                self.frames.push_back(f);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// Append a frame of `len` bytes filled by `fill`.
     pub fn push_with<R>(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
         let mut buf = self.pool.pop().unwrap_or_default();
@@ -72,14 +116,15 @@ pub(crate) struct Neighbors {
 const NEIGHBORS_MAX: usize = 65536;
 
 impl Neighbors {
-    pub fn learn(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
+    /// Remember `ip` at `mac`; true when that is news.
+    pub fn learn(&mut self, ip: Ipv4Addr, mac: [u8; 6]) -> bool {
         if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || mac[0] & 1 == 1 {
-            return;
+            return false;
         }
         if self.map.len() >= NEIGHBORS_MAX && !self.map.contains_key(&ip) {
             self.map.clear();
         }
-        self.map.insert(ip, mac);
+        self.map.insert(ip, mac) != Some(mac)
     }
     pub fn get(&self, ip: Ipv4Addr) -> Option<[u8; 6]> {
         self.map.get(&ip).copied()
@@ -169,42 +214,28 @@ impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let gateway_mac = self.gateway_mac;
         let neighbors = self.neighbors;
-        let mut known = true;
+        let mut unknown = None;
         let r = self.tx.push_with(ETH_HDR + len, |frame| {
             let r = f(&mut frame[ETH_HDR..]);
             // smoltcp only sends IPv4 here; the destination decides the Ethernet address.
-            let dst = if frame.len() >= ETH_HDR + 20 {
+            write_eth(frame, BROADCAST_MAC, gateway_mac, ETHERTYPE_IPV4);
+            if frame.len() >= ETH_HDR + 20 {
                 let d = &frame[ETH_HDR + 16..ETH_HDR + 20];
-                neighbors.get(Ipv4Addr::new(d[0], d[1], d[2], d[3]))
-            } else {
-                None
-            };
-            known = dst.is_some();
-            write_eth(
-                frame,
-                dst.unwrap_or(BROADCAST_MAC),
-                gateway_mac,
-                ETHERTYPE_IPV4,
-            );
+                let ip = Ipv4Addr::new(d[0], d[1], d[2], d[3]);
+                match neighbors.get(ip) {
+                    Some(mac) => frame[0..6].copy_from_slice(&mac),
+                    None => unknown = Some(ip),
+                }
+            }
             r
         });
-        if !known {
-            // Never happens for replies (the guest spoke first and was learnt); drop rather
-            // than broadcast a unicast packet.
-            self.tx.drop_last();
-            self.stats.drop(DropReason::NoNeighbor);
-        }
-        r
-    }
-}
-
-impl FrameQueue {
-    fn drop_last(&mut self) {
-        if let Some(f) = self.frames.pop_back() {
-            self.bytes -= f.len();
-            if self.pool.len() < POOL_MAX {
-                self.pool.push(f);
+        if let Some(ip) = unknown {
+            // A connection into a guest not heard from yet (a port forward): hold the
+            // frame until the guest answers the ARP request, rather than broadcast it.
+            if self.tx.park_last(ip) {
+                self.stats.drop(DropReason::NoNeighbor);
             }
         }
+        r
     }
 }

@@ -313,13 +313,13 @@ impl Stack {
                     // now (the MTU may have shrunk under it). A DF packet is answered with
                     // "fragmentation needed" naming the MTU, as a router would.
                     if ip.dont_frag && !ip.src.is_unspecified() {
-                        self.neighbors.learn(ip.src, src);
+                        self.learn(ip.src, src);
                         self.send_frag_needed(&ip);
                     }
                     return Err(DropReason::TooBig);
                 }
                 if !ip.src.is_unspecified() {
-                    self.neighbors.learn(ip.src, src);
+                    self.learn(ip.src, src);
                 }
                 self.handle_ipv4(now, src, for_us, ip)
             }
@@ -343,7 +343,7 @@ impl Stack {
         if source_hardware_addr.0 != src_mac {
             return Err(DropReason::Malformed);
         }
-        self.neighbors.learn(source_protocol_addr, src_mac);
+        self.learn(source_protocol_addr, src_mac);
         let ours = target_protocol_addr == self.config.gateway
             || Some(target_protocol_addr) == self.config.host_alias;
         if operation != ArpOperation::Request || !ours {
@@ -411,15 +411,30 @@ impl Stack {
 
     /// Push an IPv4 packet of `ip_len` bytes for `dst`, built by `fill`.
     fn push_ip(&mut self, dst: Ipv4Addr, ip_len: usize, fill: impl FnOnce(&mut [u8])) {
-        let Some(mac) = self.neighbors.get(dst) else {
-            self.stats.drop(DropReason::NoNeighbor);
-            return;
-        };
+        let mac = self.neighbors.get(dst);
         let gw = self.config.gateway_mac;
         self.frames.push_with(ETH_HDR + ip_len, |f| {
-            write_eth(f, mac, gw, ETHERTYPE_IPV4);
+            write_eth(f, mac.unwrap_or(BROADCAST_MAC), gw, ETHERTYPE_IPV4);
             fill(&mut f[ETH_HDR..]);
         });
+        if mac.is_none() && self.frames.park_last(dst) {
+            self.stats.drop(DropReason::NoNeighbor);
+        }
+        self.send_wanted_arp();
+    }
+
+    /// ARP requests for the addresses frames are waiting for.
+    fn send_wanted_arp(&mut self) {
+        for ip in std::mem::take(&mut self.frames.arp_wanted) {
+            self.send_arp_request(ip);
+        }
+    }
+
+    /// Remember where a guest is, and send what was waiting for it.
+    fn learn(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
+        if self.neighbors.learn(ip, mac) {
+            self.frames.release(ip, mac);
+        }
     }
 
     fn send_frag_needed(&mut self, ip: &Ipv4<'_>) {
@@ -526,7 +541,7 @@ impl Stack {
             wire::emit_udp(&mut f[ETH_HDR..], gw, 67, reply.dst_ip, 68, data, ident);
         });
         if !reply.dst_ip.is_broadcast() {
-            self.neighbors.learn(reply.dst_ip, reply.dst_mac);
+            self.learn(reply.dst_ip, reply.dst_mac);
         }
         self.stats.dhcp_replies += 1;
         self.scratch = out;
@@ -636,12 +651,6 @@ impl Stack {
             }
         };
         self.udp.get_mut(&flow).expect("indexed").last_active = now;
-        if self.neighbors.get(*guest.ip()).is_none() {
-            // Lost for want of a MAC address, as on a real link; the next one gets through.
-            self.send_arp_request(*guest.ip());
-            self.stats.drop(DropReason::NoNeighbor);
-            return Ok(flow);
-        }
         self.send_udp_to_guest(visible, guest, payload);
         Ok(flow)
     }
@@ -930,6 +939,7 @@ impl Stack {
         };
         self.iface
             .poll_ingress_single(now, &mut device, &mut self.sockets);
+        self.send_wanted_arp();
     }
 
     /// A host client connected to a forwarded port: open a TCP connection into the guest
@@ -971,11 +981,6 @@ impl Stack {
         socket
             .connect(self.iface.context(), (*guest.ip(), guest.port()), local)
             .map_err(|_| InboundError::Unaddressable)?;
-        if self.neighbors.get(*guest.ip()).is_none() {
-            // The SYN would be dropped for want of a MAC address: ask, and smoltcp's SYN
-            // retransmission finds the answer.
-            self.send_arp_request(*guest.ip());
-        }
         let handle = self.sockets.add(socket);
         let id = self.new_flow_id();
         self.tcp.insert(id, TcpFlow::inbound(key, handle));
@@ -1331,6 +1336,7 @@ impl Stack {
             // Timers (retransmission, keep-alive) act on any socket.
             self.all_dirty = true;
         }
+        self.send_wanted_arp();
     }
 
     fn service_dirty(&mut self) {

@@ -1302,3 +1302,32 @@ fn dns_over_tcp_from_the_guest_and_to_the_upstream() {
     assert!(drain_cmds(&mut s).is_empty(), "no host side to tell");
     assert_eq!(s.tcp_flow_count(), 0);
 }
+
+/// A connection into a guest not heard from yet waits for the ARP reply, then goes out at
+/// once (not a second later at smoltcp's SYN retransmission).
+#[test]
+fn frames_for_an_unknown_guest_wait_for_its_arp_reply() {
+    let mut s = stack();
+    let guest = SocketAddrV4::new(guest_ip(), 22);
+    s.tcp_open_inbound(t(0), guest, "127.0.0.1:40001".parse().unwrap())
+        .unwrap();
+    s.poll(t(0));
+    let frames = drain_frames(&mut s);
+    assert_eq!(frames.len(), 1, "only the ARP request");
+    assert_eq!(&frames[0][0..6], &[0xff; 6]);
+    // The guest answers the ARP request (any frame from it teaches its MAC).
+    let mut p = vec![0u8; 28];
+    let repr = smoltcp::wire::ArpRepr::EthernetIpv4 {
+        operation: smoltcp::wire::ArpOperation::Reply,
+        source_hardware_addr: smoltcp::wire::EthernetAddress(GUEST_MAC),
+        source_protocol_addr: guest_ip(),
+        target_hardware_addr: smoltcp::wire::EthernetAddress(gw_mac()),
+        target_protocol_addr: Ipv4Addr::new(192, 168, 65, 1),
+    };
+    repr.emit(&mut smoltcp::wire::ArpPacket::new_unchecked(&mut p[..]));
+    s.handle_frame(t(5), &eth(ETHERTYPE_ARP, &p, gw_mac()));
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert_eq!(segs.len(), 1, "the held SYN, at once");
+    assert!(segs[0].p.syn);
+    assert_eq!(segs[0].dst, guest);
+}
