@@ -4,7 +4,7 @@
 //! that names a host-side destination uses `IpAddr`/`SocketAddr` so that IPv6 slots in.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use smoltcp::time::Duration;
 
@@ -217,8 +217,6 @@ pub struct Config {
     pub mtu: u16,
     /// The gateway's DNS service (UDP and TCP on port 53). `None`: no DNS service.
     pub dns: Option<crate::dns::DnsConfig>,
-    /// Shorthand for a DNS service forwarding to one upstream, used when `dns` is `None`.
-    pub dns_forward: Option<SocketAddr>,
     pub dhcp: DhcpConfig,
     pub tcp: TcpConfig,
     pub udp: UdpConfig,
@@ -245,7 +243,6 @@ impl Default for Config {
             subnet,
             mtu: DEFAULT_VM_MTU,
             dns: None,
-            dns_forward: None,
             dhcp: DhcpConfig::default(),
             tcp: TcpConfig::default(),
             udp: UdpConfig::default(),

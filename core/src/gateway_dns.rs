@@ -309,6 +309,12 @@ impl Stack {
         self.drain_dns(now);
     }
 
+    /// Replace the names of the hosts file (its text, /etc/hosts syntax); the number of
+    /// names now known from it.
+    pub fn set_dns_hosts(&mut self, text: &str) -> usize {
+        self.dns.as_mut().map_or(0, |d| d.set_hosts_text(text))
+    }
+
     /// Counters of the gateway's DNS service, when it runs.
     pub fn dns_stats(&self) -> Option<&crate::dns::DnsStats> {
         self.dns.as_ref().map(|d| d.stats())

@@ -17,7 +17,7 @@ use crate::device::{
     ETH_HDR,
 };
 use crate::dhcp::{DhcpServer, DhcpServerConfig};
-use crate::dns::{Dns, DnsConfig};
+use crate::dns::Dns;
 use crate::icmp::{PingFlow, PingKey};
 use crate::stats::{DropReason, Stats};
 use crate::tcp::{Phase, TcpFlow, TcpFlowInfo, TcpKey};
@@ -200,14 +200,11 @@ impl Stack {
             mtu: config.mtu,
         });
         let ip_ident = rng.next_u32() as u16;
-        let dns_config = config.dns.clone().or_else(|| {
-            config.dns_forward.map(|up| DnsConfig {
-                upstream_groups: vec![vec![up]],
-                ..DnsConfig::new(config.gateway.into(), config.host_alias.map(Into::into))
-            })
-        });
         // Its own stream, so that DNS traffic does not shift every other random choice.
-        let dns = dns_config.map(|c| Dns::new(c, Rng::seed_from_u64(rng.next_u64())));
+        let dns = config
+            .dns
+            .clone()
+            .map(|c| Dns::new(c, Rng::seed_from_u64(rng.next_u64())));
         Ok(Stack {
             config,
             iface,

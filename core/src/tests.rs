@@ -1122,8 +1122,13 @@ fn dns_answer(query: &[u8], addr: [u8; 4]) -> Vec<u8> {
 }
 
 fn dns_stack() -> Stack {
+    let mut dns = crate::dns::DnsConfig::new(
+        Ipv4Addr::new(192, 168, 65, 1).into(),
+        Some(Ipv4Addr::new(192, 168, 65, 2).into()),
+    );
+    dns.upstream_groups = vec![vec!["127.0.0.1:5353".parse().unwrap()]];
     let cfg = Config {
-        dns_forward: Some("127.0.0.1:5353".parse().unwrap()),
+        dns: Some(dns),
         ..Config::default()
     };
     Stack::new(cfg, Rng::seed_from_u64(3), t(0)).unwrap()

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use usernet_core::config::{DEFAULT_TAP_MTU, DEFAULT_VM_MTU};
+use usernet_core::dns::{DnsConfig, DnsMode};
 use usernet_core::{Config, Subnet};
 
 use crate::forward::{parse_publish, Forward, Protocol};
@@ -141,12 +142,43 @@ pub struct NetArgs {
     /// IP MTU of the guest link (default: 65520 on TAP, 1500 on VM transports).
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u16>,
-    /// Relay UDP DNS sent to the gateway's port 53 to this server (ADDR or ADDR:PORT).
-    /// Default: the first nameserver in /etc/resolv.conf.
-    #[arg(long, value_name = "ADDR[:PORT]")]
-    pub dns: Option<String>,
-    /// Do not relay DNS at all.
-    #[arg(long, conflicts_with = "dns")]
+    /// An upstream DNS server group for the gateway's DNS service (UDP and TCP on port
+    /// 53): ADDR[:PORT], or several joined by commas to be asked in parallel. Repeatable:
+    /// groups are tried in order, failing over after the retransmit interval. Default: the
+    /// nameservers of /etc/resolv.conf (or the file given with --resolv-conf), in order.
+    #[arg(long, value_name = "ADDR[:PORT][,...]")]
+    pub dns: Vec<String>,
+    /// Read the default upstreams from this resolv.conf-style file.
+    #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// Queries for ZONE (and names under it) go only to these servers, asked in
+    /// parallel: ZONE=ADDR[:PORT][,...]. Repeatable; the longest matching zone wins.
+    #[arg(long, value_name = "ZONE=ADDR[,...]")]
+    pub dns_zone: Vec<String>,
+    /// `forward`: every query to the upstreams. `system`: A and AAAA through the host's
+    /// own resolver (getaddrinfo, which follows VPN split-DNS), other types forwarded when
+    /// upstreams are given, else answered NOTIMP.
+    #[arg(long, value_name = "MODE", default_value = "forward", value_parser = ["forward", "system"])]
+    pub dns_mode: String,
+    /// Answers cached at most (TTLs honoured and counted down); 0 turns the cache off.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub dns_cache: usize,
+    /// Ask again (the next group) after this many milliseconds without an answer.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub dns_retransmit_ms: u64,
+    /// Answer SERVFAIL after this many milliseconds without a good answer.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub dns_timeout_ms: u64,
+    /// A static name answered by the gateway itself: NAME=IP[,IP...]. Repeatable. Built
+    /// in: host.usernet.internal, host.docker.internal, host.containers.internal (the
+    /// host alias) and gateway.usernet.internal (the gateway).
+    #[arg(long, value_name = "NAME=IP[,...]")]
+    pub dns_name: Vec<String>,
+    /// A hosts file (/etc/hosts syntax) answered by the gateway; re-read when it changes.
+    #[arg(long, value_name = "PATH")]
+    pub hosts: Option<PathBuf>,
+    /// No DNS service on the gateway.
+    #[arg(long, conflicts_with_all = ["dns", "dns_zone", "dns_name", "hosts"])]
     pub no_dns: bool,
     /// Domain name handed out by DHCP (option 15).
     #[arg(long, value_name = "NAME")]
@@ -214,13 +246,84 @@ pub fn parse_dns(s: &str) -> Result<SocketAddr, CliError> {
         .map_err(|_| CliError(format!("--dns {s:?} is not an address or address:port")))
 }
 
-/// The first `nameserver` of a resolv.conf text.
-pub fn resolv_conf_nameserver(text: &str) -> Option<SocketAddr> {
+/// The `nameserver`s of a resolv.conf text, in order.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|rest| rest.trim().split('%').next()?.parse::<IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, 53))
-        .next()
+        .collect()
+}
+
+/// `ADDR[:PORT][,ADDR[:PORT]...]`: one group of servers asked in parallel.
+fn parse_group(s: &str) -> Result<Vec<SocketAddr>, CliError> {
+    s.split(',').map(|a| parse_dns(a.trim())).collect()
+}
+
+impl NetArgs {
+    /// The gateway's DNS service these options describe (`None` with --no-dns).
+    pub fn dns_config(
+        &self,
+        gateway: Ipv4Addr,
+        host_alias: Option<Ipv4Addr>,
+    ) -> Result<Option<DnsConfig>, CliError> {
+        if self.no_dns {
+            return Ok(None);
+        }
+        let mut d = DnsConfig::new(gateway.into(), host_alias.map(Into::into));
+        d.upstream_groups = self
+            .dns
+            .iter()
+            .map(|g| parse_group(g))
+            .collect::<Result<_, _>>()?;
+        if d.upstream_groups.is_empty() {
+            // resolv.conf lists servers to try in turn: each is a group of its own.
+            let text = std::fs::read_to_string(&self.resolv_conf).unwrap_or_default();
+            d.upstream_groups = resolv_conf_nameservers(&text)
+                .into_iter()
+                .map(|a| vec![a])
+                .collect();
+        }
+        for z in &self.dns_zone {
+            let (zone, servers) = z
+                .split_once('=')
+                .ok_or_else(|| CliError(format!("--dns-zone {z:?} is not ZONE=ADDR[,ADDR...]")))?;
+            d.zones
+                .push((zone.trim().to_string(), parse_group(servers)?));
+        }
+        d.mode = if self.dns_mode == "system" {
+            DnsMode::System
+        } else {
+            DnsMode::Forward
+        };
+        d.cache_entries = self.dns_cache;
+        if self.dns_retransmit_ms == 0 || self.dns_timeout_ms < self.dns_retransmit_ms {
+            return Err(CliError(
+                "--dns-retransmit-ms must be at least 1 and at most --dns-timeout-ms".into(),
+            ));
+        }
+        d.retransmit = usernet_core::Duration::from_millis(self.dns_retransmit_ms);
+        d.timeout = usernet_core::Duration::from_millis(self.dns_timeout_ms);
+        for n in &self.dns_name {
+            let (name, addrs) = n
+                .split_once('=')
+                .ok_or_else(|| CliError(format!("--dns-name {n:?} is not NAME=IP[,IP...]")))?;
+            let addrs: Vec<IpAddr> = addrs
+                .split(',')
+                .map(|a| {
+                    a.trim()
+                        .parse()
+                        .map_err(|_| CliError(format!("--dns-name {n:?}: {a:?} is not an address")))
+                })
+                .collect::<Result<_, _>>()?;
+            for a in addrs {
+                if !d.static_names.insert(name.trim(), a) {
+                    return Err(CliError(format!("--dns-name {n:?} is not a usable name")));
+                }
+            }
+        }
+        Ok(Some(d))
+    }
 }
 
 impl NetArgs {
@@ -249,15 +352,7 @@ impl NetArgs {
             return Err(CliError("--lease-time must be at least 1 second".into()));
         }
         c.dhcp.lease_time = usernet_core::Duration::from_secs(self.lease_time);
-        c.dns_forward = if self.no_dns {
-            None
-        } else if let Some(d) = &self.dns {
-            Some(parse_dns(d)?)
-        } else {
-            std::fs::read_to_string("/etc/resolv.conf")
-                .ok()
-                .and_then(|t| resolv_conf_nameserver(&t))
-        };
+        c.dns = self.dns_config(c.gateway, c.host_alias)?;
         let buf = self
             .tcp_buffer_kib
             .checked_mul(1024)
@@ -407,7 +502,11 @@ mod tests {
         assert_eq!(c.host_alias, Some(Ipv4Addr::new(10, 0, 2, 2)));
         assert_eq!(c.first_guest, Ipv4Addr::new(10, 0, 2, 3));
         assert_eq!(c.mtu, 9000);
-        assert_eq!(c.dns_forward, Some("127.0.0.1:5353".parse().unwrap()));
+        let d = c.dns.expect("a DNS service");
+        assert_eq!(
+            d.upstream_groups,
+            vec![vec!["127.0.0.1:5353".parse().unwrap()]]
+        );
     }
 
     #[test]
@@ -495,16 +594,98 @@ mod tests {
     }
 
     #[test]
-    fn resolv_conf_first_nameserver() {
+    fn resolv_conf_nameservers_in_order() {
         let t = "# comment\nsearch example\nnameserver 127.0.0.53\nnameserver 1.1.1.1\n";
+        let want: Vec<SocketAddr> = vec![
+            "127.0.0.53:53".parse().unwrap(),
+            "1.1.1.1:53".parse().unwrap(),
+        ];
+        assert_eq!(resolv_conf_nameservers(t), want);
         assert_eq!(
-            resolv_conf_nameserver(t),
-            Some("127.0.0.53:53".parse().unwrap())
+            resolv_conf_nameservers("nameserver fe80::1%eth0"),
+            vec!["[fe80::1]:53".parse().unwrap()]
+        );
+        assert!(resolv_conf_nameservers("").is_empty());
+    }
+
+    #[test]
+    fn dns_options() {
+        let cli = Cli::try_parse_from([
+            "usernet",
+            "tap",
+            "--tap",
+            "t",
+            "--dns",
+            "127.0.0.1:5301,127.0.0.2",
+            "--dns",
+            "127.0.0.3:5303",
+            "--dns-zone",
+            "corp.example=127.0.0.9:53",
+            "--dns-name",
+            "db.test=10.0.0.5,fd00::5",
+            "--dns-mode",
+            "system",
+            "--dns-cache",
+            "0",
+        ])
+        .unwrap();
+        let net = cli.command.net().unwrap();
+        let d = net
+            .dns_config(Ipv4Addr::new(192, 168, 65, 1), None)
+            .unwrap()
+            .unwrap();
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            d.upstream_groups,
+            vec![
+                vec![a("127.0.0.1:5301"), a("127.0.0.2:53")],
+                vec![a("127.0.0.3:5303")]
+            ]
         );
         assert_eq!(
-            resolv_conf_nameserver("nameserver fe80::1%eth0"),
-            Some("[fe80::1]:53".parse().unwrap())
+            d.zones,
+            vec![("corp.example".to_string(), vec![a("127.0.0.9:53")])]
         );
-        assert_eq!(resolv_conf_nameserver(""), None);
+        assert_eq!(d.mode, DnsMode::System);
+        assert_eq!(d.cache_entries, 0);
+        assert_eq!(d.static_names.get("db.test").map(|v| v.len()), Some(2));
+        // Upstreams from a resolv.conf-style file, each a group of its own.
+        let dir = std::env::temp_dir().join(format!("usernet-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rc = dir.join("resolv.conf");
+        std::fs::write(&rc, "nameserver 127.0.0.7\nnameserver 127.0.0.8\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "usernet",
+            "tap",
+            "--tap",
+            "t",
+            "--resolv-conf",
+            rc.to_str().unwrap(),
+        ])
+        .unwrap();
+        let d = cli
+            .command
+            .net()
+            .unwrap()
+            .dns_config(Ipv4Addr::new(192, 168, 65, 1), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            d.upstream_groups,
+            vec![vec![a("127.0.0.7:53")], vec![a("127.0.0.8:53")]]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(Cli::try_parse_from([
+            "usernet", "tap", "--tap", "t", "--no-dns", "--dns", "1.1.1.1"
+        ])
+        .is_err());
+        let cli =
+            Cli::try_parse_from(["usernet", "tap", "--tap", "t", "--dns-name", "bad"]).unwrap();
+        assert!(cli
+            .command
+            .net()
+            .unwrap()
+            .dns_config(Ipv4Addr::new(192, 168, 65, 1), None)
+            .is_err());
     }
 }

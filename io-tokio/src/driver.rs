@@ -18,6 +18,8 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
+use usernet_core::dns::ResolveError;
+use usernet_core::stack::ResolveRequest;
 use usernet_core::{ConnectError, FlowId, HostCommand, Instant, Stack};
 
 use crate::api::{Control, Reply, Request};
@@ -33,6 +35,8 @@ const EVENT_BATCH: usize = 64;
 /// What the host side reports back to the loop.
 enum Event {
     Ping(FlowId, u16, Vec<u8>),
+    /// The host resolver's answer for a DNS system-mode lookup.
+    Resolved(u64, Result<Vec<IpAddr>, ResolveError>),
 }
 
 /// Flow ids whose host socket became ready, forwards whose listening socket did, and the
@@ -158,6 +162,13 @@ struct PingIo {
     tx: mpsc::Sender<(IpAddr, u16, Vec<u8>)>,
 }
 
+/// A hosts file answered by the gateway's DNS service.
+struct HostsFile {
+    path: std::path::PathBuf,
+    modified: Option<std::time::SystemTime>,
+    checked: Option<tokio::time::Instant>,
+}
+
 /// Counters of the driver itself (the core keeps its own).
 #[derive(Clone, Debug, Default)]
 pub struct DriverStats {
@@ -239,6 +250,7 @@ pub struct Driver<N: HostNet> {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     pub stats: DriverStats,
+    hosts: Option<HostsFile>,
     /// Port forwards by id (ids are never reused).
     forwards: BTreeMap<u64, ForwardIo<N>>,
     next_forward: u64,
@@ -272,6 +284,7 @@ impl<N: HostNet> Driver<N> {
             events_tx,
             events_rx,
             stats: DriverStats::default(),
+            hosts: None,
             forwards: BTreeMap::new(),
             next_forward: 0,
             forward_ids: Vec::new(),
@@ -451,6 +464,7 @@ impl<N: HostNet> Driver<N> {
                         return Ok(());
                     }
                     let now = self.now();
+                    self.maybe_reload_hosts(stack);
                     while let Some(frame) = transport.next_frame() {
                         stack.handle_frame(now, frame);
                     }
@@ -503,6 +517,10 @@ impl<N: HostNet> Driver<N> {
                 // A command borrows the stack, so flows it wants serviced are queued and
                 // serviced right after.
                 self.command(cmd);
+            }
+            while let Some(r) = stack.poll_resolve() {
+                did = true;
+                self.resolve(r);
             }
             if self.service_ready_now(stack) {
                 did = true;
@@ -590,6 +608,67 @@ impl<N: HostNet> Driver<N> {
         let now = self.now();
         match ev {
             Event::Ping(flow, seq, data) => stack.ping_reply(now, flow, seq, &data),
+            Event::Resolved(req, result) => stack.dns_resolved(now, req, result),
+        }
+    }
+
+    /// Look a name up with the host's resolver (DNS system mode), off the loop.
+    fn resolve(&mut self, r: ResolveRequest) {
+        let lookup = self.net.resolve(r.name);
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = match lookup.await {
+                Ok(addrs) => {
+                    let addrs: Vec<IpAddr> = addrs
+                        .into_iter()
+                        .filter(|a| if a.is_ipv4() { r.want_v4 } else { r.want_v6 })
+                        .collect();
+                    if addrs.is_empty() {
+                        Err(ResolveError::NoData)
+                    } else {
+                        Ok(addrs)
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ResolveError::NoName),
+                Err(_) => Err(ResolveError::Failed),
+            };
+            let _ = events.send(Event::Resolved(r.req, result)).await;
+        });
+    }
+
+    /// Answer names from this hosts file (re-read when it changes).
+    pub fn set_hosts_file(&mut self, path: std::path::PathBuf) {
+        self.hosts = Some(HostsFile {
+            path,
+            modified: None,
+            checked: None,
+        });
+    }
+
+    /// Re-read the hosts file if it changed; looked at most once a second, and only when
+    /// guest frames arrive (a query is one).
+    fn maybe_reload_hosts(&mut self, stack: &mut Stack) {
+        let Some(h) = self.hosts.as_mut() else { return };
+        let now = tokio::time::Instant::now();
+        if h.checked
+            .is_some_and(|c| now.duration_since(c) < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        h.checked = Some(now);
+        let modified = std::fs::metadata(&h.path).and_then(|m| m.modified()).ok();
+        if modified == h.modified && h.modified.is_some() {
+            return;
+        }
+        h.modified = modified;
+        match std::fs::read_to_string(&h.path) {
+            Ok(text) => {
+                let n = stack.set_dns_hosts(&text);
+                tracing::info!(path = %h.path.display(), names = n, "hosts file loaded");
+            }
+            Err(e) => {
+                tracing::warn!(path = %h.path.display(), error = %e, "cannot read the hosts file")
+            }
         }
     }
 

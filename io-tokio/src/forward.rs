@@ -27,7 +27,9 @@ impl std::str::FromStr for Protocol {
         match s.to_ascii_lowercase().as_str() {
             "tcp" | "" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
-            other => Err(ForwardError(format!("protocol {other:?} is not tcp or udp"))),
+            other => Err(ForwardError(format!(
+                "protocol {other:?} is not tcp or udp"
+            ))),
         }
     }
 }
@@ -68,7 +70,13 @@ pub struct Forward {
 
 impl fmt::Display for Forward {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} -> {}", self.protocol.as_str(), self.local, self.remote)
+        write!(
+            f,
+            "{} {} -> {}",
+            self.protocol.as_str(),
+            self.local,
+            self.remote
+        )
     }
 }
 
@@ -110,7 +118,9 @@ fn parse_ports(s: &str, what: &str) -> Result<(u16, u16), ForwardError> {
                 return err(format!("{what} range {s:?} runs backwards"));
             }
             if usize::from(b - a) >= MAX_RANGE {
-                return err(format!("{what} range {s:?} has more than {MAX_RANGE} ports"));
+                return err(format!(
+                    "{what} range {s:?} has more than {MAX_RANGE} ports"
+                ));
             }
             Ok((a, b))
         }
@@ -128,29 +138,41 @@ pub fn parse_publish(spec: &str) -> Result<Vec<Forward>, ForwardError> {
     };
     // Split off the host address: either "[v6]:" or "v4:" before the last two fields.
     let (host_ip, ports) = if let Some(rest) = body.strip_prefix('[') {
-        let (ip, rest) = rest.split_once("]:").ok_or_else(|| ForwardError(format!("{spec:?}: unclosed [")))?;
-        let ip: IpAddr = ip.parse().map_err(|_| ForwardError(format!("{spec:?}: {ip:?} is not an address")))?;
+        let (ip, rest) = rest
+            .split_once("]:")
+            .ok_or_else(|| ForwardError(format!("{spec:?}: unclosed [")))?;
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| ForwardError(format!("{spec:?}: {ip:?} is not an address")))?;
         (ip, rest)
     } else {
         let parts: Vec<&str> = body.split(':').collect();
         match parts.len() {
             2 => (IpAddr::V4(Ipv4Addr::LOCALHOST), body),
             3 => {
-                let ip: IpAddr = parts[0]
-                    .parse()
-                    .map_err(|_| ForwardError(format!("{spec:?}: {:?} is not an address", parts[0])))?;
+                let ip: IpAddr = parts[0].parse().map_err(|_| {
+                    ForwardError(format!("{spec:?}: {:?} is not an address", parts[0]))
+                })?;
                 (ip, &body[parts[0].len() + 1..])
             }
-            _ => return err(format!("{spec:?} is not [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]")),
+            _ => {
+                return err(format!(
+                    "{spec:?} is not [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]"
+                ))
+            }
         }
     };
-    let (host, guest) = ports
-        .split_once(':')
-        .ok_or_else(|| ForwardError(format!("{spec:?} is not [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]")))?;
+    let (host, guest) = ports.split_once(':').ok_or_else(|| {
+        ForwardError(format!(
+            "{spec:?} is not [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]"
+        ))
+    })?;
     let (h0, h1) = parse_ports(host, "host port")?;
     let (g0, g1) = parse_ports(guest, "guest port")?;
     if h1 - h0 != g1 - g0 {
-        return err(format!("{spec:?}: the host and guest ranges differ in length"));
+        return err(format!(
+            "{spec:?}: the host and guest ranges differ in length"
+        ));
     }
     Ok((0..=h1 - h0)
         .map(|i| Forward {
@@ -164,9 +186,13 @@ pub fn parse_publish(spec: &str) -> Result<Vec<Forward>, ForwardError> {
 /// Parse the API's `local` (`"127.0.0.1:8080"`, `":8080"` for every address, `"[::1]:8080"`).
 pub fn parse_local(s: &str) -> Result<SocketAddr, ForwardError> {
     if let Some(port) = s.strip_prefix(':') {
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), parse_port(port, "local port")?));
+        return Ok(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            parse_port(port, "local port")?,
+        ));
     }
-    s.parse().map_err(|_| ForwardError(format!("local {s:?} is not ADDR:PORT or :PORT")))
+    s.parse()
+        .map_err(|_| ForwardError(format!("local {s:?} is not ADDR:PORT or :PORT")))
 }
 
 /// Parse the API's `remote` (`"192.168.65.3:80"`, or `":80"` for the guest's leased address).
@@ -194,10 +220,17 @@ mod tests {
     fn docker_publish_syntax() {
         assert_eq!(
             one("8080:80"),
-            Forward { protocol: Protocol::Tcp, local: "127.0.0.1:8080".parse().unwrap(), remote: Remote::Leased(80) }
+            Forward {
+                protocol: Protocol::Tcp,
+                local: "127.0.0.1:8080".parse().unwrap(),
+                remote: Remote::Leased(80)
+            }
         );
         assert_eq!(one("0.0.0.0:53:53/udp").protocol, Protocol::Udp);
-        assert_eq!(one("0.0.0.0:53:53/udp").local, "0.0.0.0:53".parse().unwrap());
+        assert_eq!(
+            one("0.0.0.0:53:53/udp").local,
+            "0.0.0.0:53".parse().unwrap()
+        );
         assert_eq!(one("[::1]:2222:22").local, "[::1]:2222".parse().unwrap());
         let range = parse_publish("127.0.0.2:8000-8002:9000-9002/tcp").unwrap();
         assert_eq!(range.len(), 3);
@@ -224,11 +257,20 @@ mod tests {
 
     #[test]
     fn api_local_and_remote() {
-        assert_eq!(parse_local(":8080").unwrap(), "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(parse_local("127.0.0.1:8080").unwrap(), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            parse_local(":8080").unwrap(),
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert_eq!(
+            parse_local("127.0.0.1:8080").unwrap(),
+            "127.0.0.1:8080".parse().unwrap()
+        );
         assert!(parse_local("8080").is_err());
         assert_eq!(parse_remote(":22").unwrap(), Remote::Leased(22));
-        assert_eq!(parse_remote("192.168.65.3:80").unwrap(), Remote::Addr("192.168.65.3:80".parse().unwrap()));
+        assert_eq!(
+            parse_remote("192.168.65.3:80").unwrap(),
+            Remote::Addr("192.168.65.3:80".parse().unwrap())
+        );
         assert!(parse_remote("192.168.65.3:0").is_err());
         assert!(parse_remote("[::1]:80").is_err());
     }

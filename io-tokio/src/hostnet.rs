@@ -51,21 +51,47 @@ pub trait HostNet: Clone + Send + 'static {
 
     /// Listen for TCP connections on `addr` (a port forward). Host networks without
     /// listeners answer `Unsupported`.
-    fn tcp_listen(&self, addr: SocketAddr, backlog: u32) -> io::Result<Box<dyn HostListener<Self::Tcp>>> {
+    fn tcp_listen(
+        &self,
+        addr: SocketAddr,
+        backlog: u32,
+    ) -> io::Result<Box<dyn HostListener<Self::Tcp>>> {
         let _ = (addr, backlog);
-        Err(io::Error::new(io::ErrorKind::Unsupported, "this host network has no TCP listeners"))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this host network has no TCP listeners",
+        ))
+    }
+
+    /// Look `name` up with the host's resolver (getaddrinfo). `NotFound` means no such name.
+    fn resolve(&self, name: String) -> BoxFuture<io::Result<Vec<IpAddr>>> {
+        let _ = name;
+        Box::pin(async {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this host network has no resolver",
+            ))
+        })
     }
 
     /// A UDP socket bound to `addr` (a UDP port forward).
     fn udp_bind_at(&self, addr: SocketAddr) -> BoxFuture<io::Result<Self::Udp>> {
         let _ = addr;
-        Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this host network cannot bind UDP")) })
+        Box::pin(async {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this host network cannot bind UDP",
+            ))
+        })
     }
 }
 
 /// A listening TCP socket on the host.
 pub trait HostListener<T>: Send + Sync + 'static {
-    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<(T, SocketAddr)>>;
+    fn poll_accept(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<(T, SocketAddr)>>;
 }
 
 impl HostListener<tokio::net::TcpStream> for tokio::net::TcpListener {
@@ -143,7 +169,11 @@ impl HostNet for TokioNet {
         crate::ping::PingSocket::open(dst)
     }
 
-    fn tcp_listen(&self, addr: SocketAddr, backlog: u32) -> io::Result<Box<dyn HostListener<Self::Tcp>>> {
+    fn tcp_listen(
+        &self,
+        addr: SocketAddr,
+        backlog: u32,
+    ) -> io::Result<Box<dyn HostListener<Self::Tcp>>> {
         let socket = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
             SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -155,6 +185,19 @@ impl HostNet for TokioNet {
 
     fn udp_bind_at(&self, addr: SocketAddr) -> BoxFuture<io::Result<Self::Udp>> {
         Box::pin(tokio::net::UdpSocket::bind(addr))
+    }
+
+    fn resolve(&self, name: String) -> BoxFuture<io::Result<Vec<IpAddr>>> {
+        Box::pin(async move {
+            match tokio::net::lookup_host((name.as_str(), 0)).await {
+                Ok(addrs) => Ok(addrs.map(|a| a.ip()).collect()),
+                // getaddrinfo's EAI_NONAME: the name does not exist (NXDOMAIN).
+                Err(e) if e.to_string().contains("not known") => {
+                    Err(io::Error::new(io::ErrorKind::NotFound, e))
+                }
+                Err(e) => Err(e),
+            }
+        })
     }
 }
 

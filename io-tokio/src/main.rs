@@ -126,6 +126,9 @@ async fn new_driver(
 ) -> Result<(Driver<TokioNet>, Option<RemoveOnDrop>), CliError> {
     let mut driver = Driver::new(TokioNet);
     driver.set_listen_backlog(net.listen_backlog);
+    if let Some(path) = &net.hosts {
+        driver.set_hosts_file(path.clone());
+    }
     driver.set_forward_limits(ForwardLimits {
         per_forward: net.forward_max_connections,
         total: net.forward_max_total,
@@ -213,7 +216,7 @@ async fn serve(command: Command) -> Result<ExitCode, CliError> {
     let seed = seed(net.seed);
     tracing::info!(
         subnet = %config.subnet, gateway = %config.gateway, host_alias = ?config.host_alias,
-        mtu = config.mtu, dns = ?config.dns_forward, "usernet starting"
+        mtu = config.mtu, dns = ?config.dns.as_ref().map(|d| &d.upstream_groups), "usernet starting"
     );
     match command {
         Command::Tap { netns, tap, .. } => {
