@@ -265,15 +265,26 @@ fn hosts_file_is_answered_and_reread_when_it_changes() {
             ..Opts::default()
         },
     );
-    assert_eq!(dig(&tb, &["+short", "svc.e2e.internal", "A"]).trim(), "10.5.5.5");
-    assert_eq!(dig(&tb, &["+short", "alias.e2e.internal", "A"]).trim(), "10.5.5.5");
-    assert_eq!(dig(&tb, &["+short", "db.e2e.internal", "A"]).trim(), "10.7.7.7");
+    assert_eq!(
+        dig(&tb, &["+short", "svc.e2e.internal", "A"]).trim(),
+        "10.5.5.5"
+    );
+    assert_eq!(
+        dig(&tb, &["+short", "alias.e2e.internal", "A"]).trim(),
+        "10.5.5.5"
+    );
+    assert_eq!(
+        dig(&tb, &["+short", "db.e2e.internal", "A"]).trim(),
+        "10.7.7.7"
+    );
     // A change is picked up (the file is looked at once a second at most).
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::write(&hosts, "10.6.6.6 svc.e2e.internal\n").unwrap();
     let mut got = String::new();
     for _ in 0..5 {
-        got = dig(&tb, &["+short", "svc.e2e.internal", "A"]).trim().to_string();
+        got = dig(&tb, &["+short", "svc.e2e.internal", "A"])
+            .trim()
+            .to_string();
         if got == "10.6.6.6" {
             break;
         }
@@ -296,7 +307,12 @@ fn system_mode_answers_through_the_host_resolver() {
     let mut tb = Testbed::with_host(
         host,
         Opts {
-            extra: vec!["--dns-mode".into(), "system".into(), "--dns".into(), format!("127.0.0.1:{dead}")],
+            extra: vec![
+                "--dns-mode".into(),
+                "system".into(),
+                "--dns".into(),
+                format!("127.0.0.1:{dead}"),
+            ],
             ..Opts::default()
         },
     );

@@ -1,0 +1,393 @@
+//! Scenario files: data only (scenarios/*.toml). Adding a case needs no Rust.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// One scenario, as written in `scenarios/NAME.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    #[serde(skip)]
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Hard limit of simulated time (the run fails if the world has not finished by then).
+    #[serde(default = "default_duration")]
+    pub duration_s: f64,
+    /// turmoil's tick (granularity of daemon↔upstream delivery). The guest link is exact.
+    #[serde(default = "default_tick")]
+    pub tick_ms: u64,
+    /// After the workload ends, how long the daemon may take to forget every flow.
+    #[serde(default = "default_drain")]
+    pub drain_s: f64,
+    /// How frames reach the daemon: `stream` (default) runs the production QEMU-stream
+    /// framing (`usernet::stream::FramedStream`) over an in-memory pipe; `direct` hands
+    /// frames to the driver without framing.
+    #[serde(default)]
+    pub transport: Transport,
+    /// With the stream transport and a bandwidth limit: a full link towards the guests stops
+    /// the pipe being read (as a guest's socket buffer fills), so the daemon's transport
+    /// holds frames back instead of the link dropping them.
+    #[serde(default)]
+    pub backpressure: bool,
+    #[serde(default)]
+    pub config: ConfigOverrides,
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    #[serde(default)]
+    pub guests: Vec<GuestSpec>,
+    #[serde(default)]
+    pub faults: FaultBounds,
+    #[serde(default)]
+    pub events: Vec<Event>,
+    /// Seeds kept as regression cases: `cargo test -p sim` runs each of them.
+    #[serde(default)]
+    pub regression_seeds: Vec<u64>,
+    /// A known failure kept as documentation (e.g. a third-party bug the sim works around
+    /// elsewhere): the kept seeds must fail with a failure containing this text, and the
+    /// fixed seed set is not run.
+    pub expect_failure: Option<String>,
+    /// Seed of the insta snapshot (default 1).
+    #[serde(default = "default_snapshot_seed")]
+    pub snapshot_seed: u64,
+}
+
+fn default_duration() -> f64 {
+    300.0
+}
+fn default_tick() -> u64 {
+    5
+}
+fn default_drain() -> f64 {
+    30.0
+}
+fn default_heal() -> f64 {
+    30.0
+}
+fn default_snapshot_seed() -> u64 {
+    1
+}
+
+/// Overrides of the daemon's [`usernet_core::Config`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigOverrides {
+    pub mtu: Option<u16>,
+    /// Per-flow TCP buffers (both directions).
+    pub tcp_buffer: Option<usize>,
+    pub udp_idle_timeout_s: Option<f64>,
+    pub icmp_idle_timeout_s: Option<f64>,
+    pub connect_timeout_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: String,
+    /// A literal IPv4 address: the turmoil host's address and the one guests dial.
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSpec {
+    /// Guest MAC; default 52:54:00:12:34:(index+1).
+    pub mac: Option<String>,
+    /// Guest TCP socket buffers.
+    #[serde(default = "default_guest_buffer")]
+    pub tcp_buffer: usize,
+    #[serde(default)]
+    pub jobs: Vec<Job>,
+    /// Keep smoltcp's own ACK sequence numbers (rewound after a timeout) instead of
+    /// Linux's; see the guest module docs.
+    #[serde(default)]
+    pub smoltcp_ack_seq: bool,
+    /// Local port range for connections (default 49152..=65535); a small range makes
+    /// 4-tuples come back soon after their previous connection closed.
+    pub ports: Option<[u16; 2]>,
+}
+
+fn default_guest_buffer() -> usize {
+    65536
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Stream,
+    Direct,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Guest asks the bulk source for `bytes` bytes and checks every byte in order.
+    Download,
+    /// Guest sends `bytes` bytes to the bulk sink, half-closes, and checks the sink's count and hash.
+    Upload,
+    /// Guest sends `bytes` to the echo server while reading the echo, then half-closes.
+    Echo,
+    /// Guest sends `bytes`, half-closes, and only then receives them back (server answers after EOF).
+    HalfClose,
+    /// HTTP/1.0 GET of a `bytes`-byte body.
+    Http,
+    /// Connect to a port nobody listens on.
+    Refused,
+    /// `count` datagrams of `bytes` bytes to the UDP echo, each retried until answered.
+    UdpEcho,
+    /// `count` ICMP echo requests of `bytes` payload bytes to the upstream, each retried
+    /// until answered (the sim host network answers pings to upstream addresses).
+    Ping,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expect {
+    /// Every connection completes byte-exact.
+    Complete,
+    /// Every connection is refused (RST, never established).
+    Reset,
+    /// Every connection either completes or fails cleanly (RST or early FIN), never hangs.
+    Clean,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    pub kind: JobKind,
+    #[serde(default)]
+    pub upstream: String,
+    /// Destination port (default by kind).
+    pub port: Option<u16>,
+    #[serde(default = "default_bytes")]
+    pub bytes: u64,
+    /// Connections (datagrams for udp_echo).
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Connections open at once.
+    #[serde(default = "one")]
+    pub parallel: u32,
+    #[serde(default)]
+    pub start_s: f64,
+    /// Every connection must be finished by this simulated time.
+    #[serde(default = "default_deadline")]
+    pub deadline_s: f64,
+    #[serde(default = "default_expect")]
+    pub expect: Expect,
+    /// Echo only: send half, wait for its echo, stay silent this long, then send the rest
+    /// (an idle connection must survive).
+    #[serde(default)]
+    pub pause_s: f64,
+    /// A slow application in the guest: it reads at most this many kilobits per second
+    /// (its receive window closes; the daemon must stop reading the upstream and resume).
+    pub read_kbps: Option<u64>,
+}
+
+fn default_bytes() -> u64 {
+    1000
+}
+fn one() -> u32 {
+    1
+}
+fn default_deadline() -> f64 {
+    120.0
+}
+fn default_expect() -> Expect {
+    Expect::Complete
+}
+
+impl Job {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(match self.kind {
+            JobKind::Download => crate::upstream::PORT_SOURCE,
+            JobKind::Upload => crate::upstream::PORT_SINK,
+            JobKind::Echo => crate::upstream::PORT_ECHO,
+            JobKind::HalfClose => crate::upstream::PORT_AFTER_EOF,
+            JobKind::Http => crate::upstream::PORT_HTTP,
+            JobKind::Refused => 1,
+            JobKind::UdpEcho => crate::upstream::PORT_ECHO,
+            JobKind::Ping => 0,
+        })
+    }
+}
+
+/// A closed range `[lo, hi]` a seed draws from.
+pub type Range = [f64; 2];
+
+/// Bounds of the guest-link faults. Each seed draws its own mix (swarm testing): every
+/// fault given here is switched off with probability 1/3 unless listed in `required`, and
+/// otherwise drawn uniformly within its range.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultBounds {
+    /// One-way latency.
+    pub latency_ms: Option<Range>,
+    /// Extra random delay per frame (order kept unless reordered).
+    pub jitter_ms: Option<Range>,
+    /// Independent loss probability per frame.
+    pub loss: Option<Range>,
+    /// Gilbert-Elliott bursty loss: the loss probability in the bad state.
+    pub burst_loss: Option<Range>,
+    /// Duplication probability per frame.
+    pub dup: Option<Range>,
+    /// Probability that a frame is held back (delivered after later ones).
+    pub reorder: Option<Range>,
+    /// Bandwidth limit (log-uniform draw), with a drop-tail queue.
+    pub bandwidth_mbps: Option<Range>,
+    /// Size of that queue in KiB (default 256).
+    pub queue_kb: Option<Range>,
+    /// Link down windows: how many, how long, and before when they start.
+    pub down: Option<DownBounds>,
+    /// Faults end at this simulated time (latency and bandwidth stay); liveness deadlines
+    /// should leave room after it for backed-off retransmission timers (up to 60 s).
+    #[serde(default = "default_heal")]
+    pub heal_s: f64,
+    /// Faults never switched off by the swarm draw.
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// Turn off swarm toggling (every fault given is on).
+    #[serde(default)]
+    pub no_swarm: bool,
+}
+
+impl Default for FaultBounds {
+    fn default() -> Self {
+        toml::from_str("").expect("all fields have defaults")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownBounds {
+    pub count: [u32; 2],
+    pub ms: Range,
+    pub before_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Both ends told of a new MTU (daemon `set_mtu`, guest interface rebuilt); the link
+    /// drops larger frames both ways.
+    MtuTold,
+    /// Path MTU black hole: the daemon is told, the guest is not; the link silently drops
+    /// larger frames towards the guest.
+    MtuBlackhole,
+    /// turmoil partition daemon↔upstream (messages dropped; turmoil TCP never retransmits,
+    /// so streams crossing it stall: use `hold` for a transient outage mid-transfer).
+    Partition,
+    Repair,
+    /// turmoil hold: messages daemon↔upstream are kept back until `release`.
+    Hold,
+    Release,
+    /// Crash the upstream host (its sockets go away).
+    Crash,
+    /// Restart the upstream host's software.
+    Bounce,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub kind: EventKind,
+    /// Fire at this simulated time...
+    pub at_s: Option<f64>,
+    /// ...or once the guest link has carried this many TCP payload bytes (both directions).
+    pub after_bytes: Option<u64>,
+    /// ...or this long after the previous event (in file order) fired.
+    pub after_prev_s: Option<f64>,
+    #[serde(default)]
+    pub upstream: String,
+    pub mtu: Option<u16>,
+}
+
+/// The workspace's scenarios/ directory.
+pub fn scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+impl Scenario {
+    pub fn parse(name: &str, text: &str) -> Result<Self, String> {
+        let mut s: Scenario = toml::from_str(text).map_err(|e| format!("{name}: {e}"))?;
+        s.name = name.to_string();
+        s.check()?;
+        Ok(s)
+    }
+
+    pub fn load(name: &str) -> Result<Self, String> {
+        let path = scenarios_dir().join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(name, &text)
+    }
+
+    /// Every scenario name (file stems), sorted.
+    pub fn all_names() -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(scenarios_dir())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let p = e.path();
+                        (p.extension()? == "toml")
+                            .then(|| p.file_stem()?.to_str().map(String::from))?
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let n = &self.name;
+        if self.guests.is_empty() {
+            return Err(format!("{n}: no guests"));
+        }
+        for g in &self.guests {
+            for j in &g.jobs {
+                if j.kind != JobKind::Refused || !j.upstream.is_empty() {
+                    self.upstream_ip(&j.upstream).ok_or_else(|| {
+                        format!("{n}: job names unknown upstream {:?}", j.upstream)
+                    })?;
+                }
+                if j.parallel == 0 || j.count == 0 {
+                    return Err(format!("{n}: count and parallel must be > 0"));
+                }
+            }
+        }
+        for e in &self.events {
+            let triggers = [
+                e.at_s.is_some(),
+                e.after_bytes.is_some(),
+                e.after_prev_s.is_some(),
+            ];
+            if triggers.iter().filter(|t| **t).count() != 1 {
+                return Err(format!(
+                    "{n}: an event needs exactly one of at_s, after_bytes, after_prev_s"
+                ));
+            }
+            match e.kind {
+                EventKind::MtuTold | EventKind::MtuBlackhole => {
+                    if e.mtu.is_none() {
+                        return Err(format!("{n}: mtu event without mtu"));
+                    }
+                }
+                _ => {
+                    self.upstream_ip(&e.upstream).ok_or_else(|| {
+                        format!("{n}: event names unknown upstream {:?}", e.upstream)
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn upstream_ip(&self, name: &str) -> Option<std::net::Ipv4Addr> {
+        self.upstreams
+            .iter()
+            .find(|u| u.name == name)
+            .and_then(|u| u.ip.parse().ok())
+    }
+}
