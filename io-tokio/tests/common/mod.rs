@@ -604,3 +604,69 @@ pub fn text_body(len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The second half of the concurrency tests: on every connection at once, a line out, its
+/// echo back, then a half-close the server answers with EOF. Returns how many connections
+/// echoed, and what went wrong on the others.
+pub async fn echo_on_each<S>(streams: Vec<(usize, S)>) -> (usize, Vec<String>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut set = tokio::task::JoinSet::new();
+    for (i, mut s) in streams {
+        set.spawn(async move {
+            let msg = format!("hello #{i}\n");
+            let r = tokio::time::timeout(Duration::from_secs(30), async {
+                s.write_all(msg.as_bytes()).await?;
+                let mut got = vec![0u8; msg.len()];
+                s.read_exact(&mut got).await?;
+                s.shutdown().await?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                Ok::<_, std::io::Error>((got, rest))
+            })
+            .await;
+            match r {
+                Ok(Ok((got, rest))) if got == msg.as_bytes() && rest.is_empty() => Ok(()),
+                Ok(Ok((got, rest))) => Err(format!(
+                    "#{i}: echo {:?} + {} extra bytes",
+                    String::from_utf8_lossy(&got),
+                    rest.len()
+                )),
+                Ok(Err(e)) => Err(format!("#{i}: {e}")),
+                Err(_) => Err(format!("#{i}: echo timed out")),
+            }
+        });
+    }
+    let (mut echoed, mut failures) = (0, Vec::new());
+    while let Some(r) = set.join_next().await {
+        match r.unwrap() {
+            Ok(()) => echoed += 1,
+            Err(e) => failures.push(e),
+        }
+    }
+    (echoed, failures)
+}
+
+/// Every one of `n` connections connected and echoed.
+pub fn assert_all_echoed(
+    what: &str,
+    n: usize,
+    connected: usize,
+    echoed: usize,
+    mut failures: Vec<String>,
+    t0: std::time::Instant,
+) {
+    eprintln!(
+        "{n} {what}: {connected} connected, {echoed} echoed in {:?}",
+        t0.elapsed()
+    );
+    failures.sort();
+    assert!(
+        connected == n && echoed == n,
+        "{connected}/{n} connected, {echoed}/{n} echoed; {} failures, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
