@@ -188,11 +188,24 @@ pub fn emit_ipv4_header(
     total_len: usize,
     ident: u16,
 ) {
+    write_ipv4_header(buf, src, dst, protocol, total_len, ident, 0x4000);
+}
+
+/// The 20-byte header with the given flags and fragment offset field.
+fn write_ipv4_header(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    total_len: usize,
+    ident: u16,
+    flags_frag: u16,
+) {
     buf[0] = 0x45;
     buf[1] = 0;
     buf[2..4].copy_from_slice(&(total_len as u16).to_be_bytes());
     buf[4..6].copy_from_slice(&ident.to_be_bytes());
-    buf[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
+    buf[6..8].copy_from_slice(&flags_frag.to_be_bytes());
     buf[8] = 64;
     buf[9] = protocol;
     buf[10..12].fill(0);
@@ -255,19 +268,16 @@ pub fn emit_ipv4_fragment(
     more: bool,
     chunk: &[u8],
 ) {
-    buf[0] = 0x45;
-    buf[1] = 0;
-    buf[2..4].copy_from_slice(&((IPV4_HDR + chunk.len()) as u16).to_be_bytes());
-    buf[4..6].copy_from_slice(&ident.to_be_bytes());
-    let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
-    buf[6..8].copy_from_slice(&flags.to_be_bytes());
-    buf[8] = 64;
-    buf[9] = protocol;
-    buf[10..12].fill(0);
-    buf[12..16].copy_from_slice(&src.octets());
-    buf[16..20].copy_from_slice(&dst.octets());
-    let sum = !checksum::data(&buf[..IPV4_HDR]);
-    buf[10..12].copy_from_slice(&sum.to_be_bytes());
+    let flags_frag = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+    write_ipv4_header(
+        buf,
+        src,
+        dst,
+        protocol,
+        IPV4_HDR + chunk.len(),
+        ident,
+        flags_frag,
+    );
     buf[IPV4_HDR..IPV4_HDR + chunk.len()].copy_from_slice(chunk);
 }
 
