@@ -399,6 +399,14 @@ impl Dns {
         self.servers.get(&server).is_some_and(|s| s.down)
     }
 
+    /// Whether an answer with message `id` from `server` over `via` is still awaited (its
+    /// query is in flight and has not given up on that message).
+    pub fn awaits(&self, id: u16, server: SocketAddr, via: UpstreamTransport) -> bool {
+        self.sent
+            .get(&id)
+            .is_some_and(|s| s.server == server && s.via == via)
+    }
+
     /// Replace the upstream groups and zones (for example after resolv.conf changed).
     /// Queries in flight finish with the servers they started with.
     pub fn set_upstreams(

@@ -102,6 +102,37 @@ impl Stack {
                 }
             }
         }
+        self.close_stale_dns_tcp();
+    }
+
+    /// Close the DNS-over-TCP exchanges with upstreams whose answer nobody waits for any
+    /// more (the query was answered by another server, timed out, or its guest left): an
+    /// upstream that accepts and never answers would otherwise hold its flow and host
+    /// socket for good. (Found by the sim: dns_all_down seed 1.)
+    fn close_stale_dns_tcp(&mut self) {
+        let Some(dns) = self.dns.as_ref() else {
+            return;
+        };
+        if self.dns_tcp.is_empty() {
+            return;
+        }
+        let stale: Vec<FlowId> = self
+            .dns_tcp
+            .iter()
+            .filter(|(_, x)| match x.out.get(2..4) {
+                Some(id) => !dns.awaits(
+                    u16::from_be_bytes([id[0], id[1]]),
+                    x.server,
+                    UpstreamTransport::Tcp,
+                ),
+                None => true,
+            })
+            .map(|(f, _)| *f)
+            .collect();
+        for flow in stale {
+            self.dns_tcp.remove(&flow);
+            self.commands.push_back(Cmd::TcpClose(flow));
+        }
     }
 
     /// The internal UDP flow that carries queries to `server`'s address family.
@@ -208,6 +239,7 @@ impl Stack {
         if let Some(dns) = self.dns.as_mut() {
             dns.cancel_client(ClientToken::Tcp(flow.0));
         }
+        self.close_stale_dns_tcp();
     }
 
     // ---- the host side of DNS-over-TCP exchanges with upstreams

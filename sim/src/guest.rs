@@ -41,6 +41,8 @@
 //! sequence number of outgoing pure ACKs to the highest sequence number sent (unless the
 //! guest spec sets `smoltcp_ack_seq = true`).
 
+mod services;
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -84,6 +86,10 @@ pub enum Outcome {
     Timeout {
         detail: String,
     },
+    /// DNS: the gateway answered SERVFAIL.
+    Servfail {
+        at_us: u64,
+    },
 }
 
 impl Outcome {
@@ -91,7 +97,8 @@ impl Outcome {
         match self {
             Outcome::Complete { at_us, .. }
             | Outcome::Reset { at_us, .. }
-            | Outcome::Truncated { at_us, .. } => Some(*at_us),
+            | Outcome::Truncated { at_us, .. }
+            | Outcome::Servfail { at_us } => Some(*at_us),
             _ => None,
         }
     }
@@ -109,6 +116,8 @@ pub struct GuestShared {
     /// A new MTU the guest is told of (MtuTold).
     pub pending_mtu: Option<u16>,
     pub mtu_changes: Vec<(u64, u16, &'static str)>,
+    /// Per job, extra lines for the summary (DNS answers by server, server sources).
+    pub notes: Vec<Vec<String>>,
 }
 
 struct Dev<'a> {
@@ -205,6 +214,10 @@ struct JobRun {
     udp: Option<UdpRun>,
     /// Ping: next sequence, attempts, last send.
     ping: Option<(u32, u32, u64)>,
+    dns: Option<services::DnsRun>,
+    serve: Option<services::ServeRun>,
+    /// DNS: the upstream every answer must come from.
+    from_ip: Option<Ipv4Addr>,
     finished: bool,
 }
 
@@ -248,6 +261,12 @@ pub struct Guest {
     echo_replies: Vec<(u16, u16, Vec<u8>)>,
     /// Last ACK (number, window) received per connection.
     last_acks: std::collections::BTreeMap<(u16, Ipv4Addr, u16), (u32, u16)>,
+    /// The upstreams (name, address): DNS answers must carry one of them.
+    upstreams: Vec<(String, Ipv4Addr)>,
+    upstream_ips: Vec<Ipv4Addr>,
+    /// When each DNS query (by message ID) first left on the wire: latency bounds count
+    /// from there, not from an ARP wait inside the guest.
+    dns_wire: std::collections::BTreeMap<u16, u64>,
 }
 
 /// Rewrite a pure ACK's sequence number to the highest one sent (Linux behaviour).
@@ -302,6 +321,7 @@ impl Guest {
         mac: [u8; 6],
         spec: &GuestSpec,
         upstream_ip: impl Fn(&str) -> Option<Ipv4Addr>,
+        upstreams: Vec<(String, Ipv4Addr)>,
         seed: u64,
         mtu: usize,
         world: Rc<RefCell<World>>,
@@ -339,6 +359,9 @@ impl Guest {
                 outcomes: Vec::new(),
                 udp: None,
                 ping: None,
+                dns: None,
+                serve: None,
+                from_ip: j.from.as_deref().and_then(&upstream_ip),
                 finished: false,
             })
             .collect();
@@ -376,6 +399,9 @@ impl Guest {
             arp_refreshed: 0,
             echo_replies: Vec::new(),
             last_acks: Default::default(),
+            upstream_ips: upstreams.iter().map(|u| u.1).collect(),
+            upstreams,
+            dns_wire: Default::default(),
         }
     }
 
@@ -473,6 +499,7 @@ impl Guest {
             }
             self.pmtud(ts, now_us);
             self.ignore_rst_in_time_wait(now_us);
+            self.drop_syn_for_known_connection();
             self.take_echo_replies();
             self.drop_dup_acks_on_fin(now_us);
             for _ in 0..8 {
@@ -497,6 +524,7 @@ impl Guest {
                 g.done = true;
                 g.done_at = Some(now_us);
                 g.outcomes = self.jobs.iter().map(|j| j.outcomes.clone()).collect();
+                g.notes = self.jobs.iter().map(|j| self.notes(j)).collect();
                 drop(w);
                 self.control.notify_one();
             }
@@ -536,6 +564,7 @@ impl Guest {
         }
         let w = &mut *self.world.borrow_mut();
         for mut f in self.outbox.drain(..) {
+            services::note_dns_send(&mut self.dns_wire, &f, now_us);
             if self.linux_ack_seq {
                 linux_ack_seq(&mut self.snd_max, &mut f);
             }
@@ -848,8 +877,52 @@ impl Guest {
         }
     }
 
+    /// Summary lines of a job.
+    fn notes(&self, j: &JobRun) -> Vec<String> {
+        let name = |ip: &Ipv4Addr| {
+            self.upstreams
+                .iter()
+                .find(|u| u.1 == *ip)
+                .map_or(ip.to_string(), |u| u.0.clone())
+        };
+        let mut v = Vec::new();
+        if let Some(d) = &j.dns {
+            let from: Vec<String> = d
+                .from
+                .iter()
+                .map(|(ip, n)| format!("{}={n}", name(ip)))
+                .collect();
+            v.push(format!(
+                "answered by: {}; TCP fallbacks {}; slowest {:.3}s",
+                if from.is_empty() {
+                    "-".into()
+                } else {
+                    from.join(" ")
+                },
+                d.tc_fallbacks,
+                d.max_latency_us as f64 / 1e6
+            ));
+        }
+        if let Some(s) = &j.serve {
+            let src: Vec<String> = s
+                .sources
+                .iter()
+                .map(|(ip, n)| format!("{ip}={n}"))
+                .collect();
+            v.push(format!("connections from: {}", src.join(" ")));
+        }
+        v
+    }
+
     fn next_timer(&self, now_us: u64) -> Option<u64> {
         let mut t: Option<u64> = None;
+        for ji in 0..self.jobs.len() {
+            if !self.jobs[ji].finished {
+                if let Some(x) = self.dns_timer(ji) {
+                    t = Some(t.map_or(x, |t: u64| t.min(x)));
+                }
+            }
+        }
         let mut consider = |x: u64| t = Some(t.map_or(x, |t| t.min(x)));
         for j in &self.jobs {
             if j.finished {
@@ -865,6 +938,10 @@ impl Guest {
             }
             if let Some((_, _, last)) = j.ping {
                 consider(last + UDP_RETRY_US);
+            }
+            if j.spec.kind == JobKind::Serve {
+                // Looks for the clients to be done.
+                consider(now_us + 100_000);
             }
             for c in &j.active {
                 if let (Some(t), true) = (c.resume_at, c.pause_us > 0) {
@@ -948,6 +1025,14 @@ impl Guest {
             }
             if self.jobs[ji].spec.kind == JobKind::Ping {
                 progress |= self.ping_step(ji, now_us);
+                continue;
+            }
+            if matches!(self.jobs[ji].spec.kind, JobKind::DnsUdp | JobKind::DnsTcp) {
+                progress |= self.dns_step(ji, now_us);
+                continue;
+            }
+            if self.jobs[ji].spec.kind == JobKind::Serve {
+                progress |= self.serve_step(ji, now_us);
                 continue;
             }
             let deadline = (self.jobs[ji].spec.deadline_s * 1e6) as u64;
@@ -1281,7 +1366,11 @@ impl Guest {
             JobKind::Refused => {
                 c.corrupt = Some("data on a connection that should be refused".into());
             }
-            JobKind::UdpEcho | JobKind::Ping => unreachable!(),
+            JobKind::UdpEcho
+            | JobKind::Ping
+            | JobKind::DnsUdp
+            | JobKind::DnsTcp
+            | JobKind::Serve => unreachable!(),
         }
     }
 
@@ -1310,7 +1399,11 @@ impl Guest {
             JobKind::Upload => c.header.len() == 16,
             JobKind::Http => c.header_done && c.recvd == c.body_expected,
             JobKind::Refused => false,
-            JobKind::UdpEcho | JobKind::Ping => false,
+            JobKind::UdpEcho
+            | JobKind::Ping
+            | JobKind::DnsUdp
+            | JobKind::DnsTcp
+            | JobKind::Serve => false,
         }
     }
 

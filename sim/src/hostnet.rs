@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use usernet::hostnet::{BoxFuture, HostNet, HostPing, HostUdp};
+use usernet::hostnet::{BoxFuture, HostListener, HostNet, HostPing, HostUdp};
 
 use crate::world::{host_event, Mutation};
 
@@ -251,11 +251,88 @@ impl HostNet for TurmoilNet {
         Box::pin(async move { Ok(SimUdp(turmoil::net::UdpSocket::bind(local).await?)) })
     }
 
+    fn tcp_listen(
+        &self,
+        addr: SocketAddr,
+        _backlog: u32,
+    ) -> io::Result<Box<dyn HostListener<SimTcp>>> {
+        // turmoil's bind is async but completes at once (it only touches the world).
+        let bind = turmoil::net::TcpListener::bind(addr);
+        let mut bind = std::pin::pin!(bind);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let listener = match bind.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => r?,
+            Poll::Pending => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "turmoil bind did not complete",
+                ))
+            }
+        };
+        host_event("host-listen", || format!("listening on {addr}"));
+        Ok(Box::new(SimListener {
+            listener: Arc::new(listener),
+            accept: std::sync::Mutex::new(None),
+            addr,
+        }))
+    }
+
+    fn udp_bind_at(&self, addr: SocketAddr) -> BoxFuture<io::Result<SimUdp>> {
+        Box::pin(async move { Ok(SimUdp(turmoil::net::UdpSocket::bind(addr).await?)) })
+    }
+
     fn ping_open(&self, dst: IpAddr) -> io::Result<SimPing> {
         Ok(SimPing {
             answers: self.ping_answers.contains(&dst),
             replies: Default::default(),
             ready: tokio::sync::Notify::new(),
         })
+    }
+}
+
+type AcceptFuture =
+    Pin<Box<dyn Future<Output = io::Result<(turmoil::net::TcpStream, SocketAddr)>> + Send>>;
+
+/// A forward's listener: turmoil's `accept` is a future, kept between polls.
+pub struct SimListener {
+    listener: Arc<turmoil::net::TcpListener>,
+    accept: std::sync::Mutex<Option<AcceptFuture>>,
+    addr: SocketAddr,
+}
+
+impl Drop for SimListener {
+    fn drop(&mut self) {
+        let addr = self.addr;
+        host_event("host-unlisten", || format!("stopped listening on {addr}"));
+    }
+}
+
+impl HostListener<SimTcp> for SimListener {
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(SimTcp, SocketAddr)>> {
+        let mut slot = self.accept.lock().expect("not poisoned");
+        let fut = slot.get_or_insert_with(|| {
+            let l = self.listener.clone();
+            Box::pin(async move { l.accept().await })
+        });
+        match fut.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => {
+                *slot = None;
+                let (inner, peer) = r?;
+                host_event("host-accepted", || format!("accepted {peer}"));
+                Poll::Ready(Ok((
+                    SimTcp {
+                        inner,
+                        peer,
+                        drop_at: None,
+                        swallow_eof: false,
+                        read: 0,
+                        read_eof: false,
+                        write_blocked: None,
+                    },
+                    peer,
+                )))
+            }
+        }
     }
 }

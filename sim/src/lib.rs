@@ -6,6 +6,8 @@
 //! and the faulty guest link between them ([`link`]). Scenarios are data files in
 //! `scenarios/` ([`scenario`]); [`world::run`] runs one and checks the oracles.
 
+pub mod client;
+pub mod dnsmsg;
 pub mod guest;
 pub mod hostnet;
 pub mod link;

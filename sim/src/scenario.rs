@@ -41,6 +41,14 @@ pub struct Scenario {
     pub faults: FaultBounds,
     #[serde(default)]
     pub events: Vec<Event>,
+    /// The gateway's DNS service (off without this section).
+    pub dns: Option<DnsSpec>,
+    /// Port forwards exposed when the daemon starts (more with `expose` events).
+    #[serde(default)]
+    pub forwards: Vec<ForwardSpec>,
+    /// Turmoil hosts that connect to the daemon host's forwarded ports.
+    #[serde(default)]
+    pub clients: Vec<ClientSpec>,
     /// Seeds kept as regression cases: `cargo test -p sim` runs each of them.
     #[serde(default)]
     pub regression_seeds: Vec<u64>,
@@ -87,6 +95,62 @@ pub struct Upstream {
     pub name: String,
     /// A literal IPv4 address: the turmoil host's address and the one guests dial.
     pub ip: String,
+    /// Also a DNS server on port 53 (UDP, and TCP with 2-byte framing) behaving so.
+    pub dns: Option<DnsBehaviour>,
+    /// `slow`: how long it waits before answering.
+    #[serde(default)]
+    pub dns_delay_ms: u64,
+}
+
+/// How a DNS upstream answers (see `upstream::dns_answer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsBehaviour {
+    /// Answers at once: the A records the query name asks for, the first being its own address.
+    Answer,
+    /// Answers after `dns_delay_ms`.
+    Slow,
+    /// Never answers (TCP: accepts, reads, never answers).
+    Drop,
+    /// SERVFAIL.
+    Servfail,
+    /// Over UDP: TC set, no records (TCP: the full answer).
+    Truncate,
+    /// Bytes that are no DNS message.
+    Garbage,
+    /// A correct answer with another message ID.
+    WrongId,
+}
+
+/// The gateway's DNS configuration: upstream groups by upstream name (port 53).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSpec {
+    /// Tried in order; the servers of a group are asked in parallel.
+    pub groups: Vec<Vec<String>>,
+    pub retransmit_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    /// Cache entries (0: off).
+    pub cache_entries: Option<usize>,
+}
+
+/// A TCP port forward: `0.0.0.0:PORT` on the daemon host to the guest's leased address.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSpec {
+    pub port: u16,
+    pub guest_port: u16,
+}
+
+/// A turmoil host running client jobs against the daemon host's forwarded ports
+/// (kinds `echo`, expect `complete` | `reset` | `clean`; `port` is the host port).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSpec {
+    pub name: String,
+    pub ip: String,
+    #[serde(default)]
+    pub jobs: Vec<Job>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -140,6 +204,17 @@ pub enum JobKind {
     /// `count` ICMP echo requests of `bytes` payload bytes to the upstream, each retried
     /// until answered (the sim host network answers pings to upstream addresses).
     Ping,
+    /// `count` DNS queries (A, `records` records each) over UDP to the gateway, `parallel`
+    /// at once, each attempt with a fresh ID every `retry_ms`; a TC answer is retried over
+    /// TCP to the gateway.
+    DnsUdp,
+    /// `count` DNS queries pipelined on one TCP connection to the gateway (several
+    /// queries on one connection); a connection that fails is retried with the queries
+    /// still unanswered.
+    DnsTcp,
+    /// A server in the guest on `port` (the forward's guest port): it checks that each
+    /// connection's source address is the one its client reports, then echoes.
+    Serve,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -151,6 +226,8 @@ pub enum Expect {
     Reset,
     /// Every connection either completes or fails cleanly (RST or early FIN), never hangs.
     Clean,
+    /// DNS: every query is answered SERVFAIL.
+    Servfail,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -183,6 +260,20 @@ pub struct Job {
     /// A slow application in the guest: it reads at most this many kilobits per second
     /// (its receive window closes; the daemon must stop reading the upstream and resume).
     pub read_kbps: Option<u64>,
+    /// DNS: A records in each answer (more than fit 512 bytes makes the gateway truncate).
+    #[serde(default = "one")]
+    pub records: u32,
+    /// DNS: every answer must come from this upstream.
+    pub from: Option<String>,
+    /// DNS: every answer must arrive within this long of the attempt it answers.
+    pub within_s: Option<f64>,
+    /// DNS: a new attempt (fresh ID) after this long without an answer.
+    #[serde(default = "default_retry_ms")]
+    pub retry_ms: u64,
+}
+
+fn default_retry_ms() -> u64 {
+    1000
 }
 
 fn default_bytes() -> u64 {
@@ -209,6 +300,8 @@ impl Job {
             JobKind::Refused => 1,
             JobKind::UdpEcho => crate::upstream::PORT_ECHO,
             JobKind::Ping => 0,
+            JobKind::DnsUdp | JobKind::DnsTcp => 53,
+            JobKind::Serve => 80,
         })
     }
 }
@@ -286,6 +379,10 @@ pub enum EventKind {
     Crash,
     /// Restart the upstream host's software.
     Bounce,
+    /// `Driver::expose` a TCP forward `0.0.0.0:port` -> guest `:guest_port`.
+    Expose,
+    /// `Driver::unexpose` the TCP forward on `port`.
+    Unexpose,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -301,6 +398,10 @@ pub struct Event {
     #[serde(default)]
     pub upstream: String,
     pub mtu: Option<u16>,
+    /// Expose/unexpose: the host port.
+    pub port: Option<u16>,
+    /// Expose: the guest port.
+    pub guest_port: Option<u16>,
 }
 
 /// The workspace's scenarios/ directory.
@@ -347,7 +448,18 @@ impl Scenario {
         }
         for g in &self.guests {
             for j in &g.jobs {
-                if j.kind != JobKind::Refused || !j.upstream.is_empty() {
+                let needs_upstream = !matches!(
+                    j.kind,
+                    JobKind::Refused | JobKind::DnsUdp | JobKind::DnsTcp | JobKind::Serve
+                ) || !j.upstream.is_empty();
+                if let Some(f) = &j.from {
+                    self.upstream_ip(f)
+                        .ok_or_else(|| format!("{n}: job from unknown upstream {f:?}"))?;
+                }
+                if j.kind == JobKind::DnsUdp && j.count > 4000 {
+                    return Err(format!("{n}: dns_udp count at most 4000"));
+                }
+                if needs_upstream {
                     self.upstream_ip(&j.upstream).ok_or_else(|| {
                         format!("{n}: job names unknown upstream {:?}", j.upstream)
                     })?;
@@ -374,10 +486,30 @@ impl Scenario {
                         return Err(format!("{n}: mtu event without mtu"));
                     }
                 }
+                EventKind::Expose | EventKind::Unexpose => {
+                    if e.port.is_none() || (e.kind == EventKind::Expose && e.guest_port.is_none()) {
+                        return Err(format!("{n}: expose needs port and guest_port"));
+                    }
+                }
                 _ => {
                     self.upstream_ip(&e.upstream).ok_or_else(|| {
                         format!("{n}: event names unknown upstream {:?}", e.upstream)
                     })?;
+                }
+            }
+        }
+        if let Some(d) = &self.dns {
+            for name in d.groups.iter().flatten() {
+                self.upstream_ip(name)
+                    .ok_or_else(|| format!("{n}: dns group names unknown upstream {name:?}"))?;
+            }
+        }
+        for c in &self.clients {
+            c.ip.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| format!("{n}: client {} ip {:?}", c.name, c.ip))?;
+            for j in &c.jobs {
+                if j.kind != JobKind::Echo || j.parallel == 0 || j.count == 0 {
+                    return Err(format!("{n}: client jobs are echo, count/parallel > 0"));
                 }
             }
         }

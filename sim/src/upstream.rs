@@ -2,11 +2,15 @@
 //! and a bulk source that check what they move, a tiny HTTP server and UDP echo.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turmoil::net::{TcpListener, TcpStream, UdpSocket};
 
+use crate::dnsmsg;
 use crate::rng::{Fnv, Pattern};
+use crate::scenario::DnsBehaviour;
 
 pub const PORT_ECHO: u16 = 7;
 pub const PORT_AFTER_EOF: u16 = 8;
@@ -16,9 +20,13 @@ pub const PORT_HTTP: u16 = 80;
 
 const CHUNK: usize = 16 * 1024;
 
-/// The software of an upstream host (restarted by `bounce`).
-pub async fn serve() -> turmoil::Result {
+/// The software of an upstream host (restarted by `bounce`); with `dns`, also a DNS
+/// server on port 53 behaving so.
+pub async fn serve(me: Ipv4Addr, dns: Option<(DnsBehaviour, u64)>) -> turmoil::Result {
     let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    if let Some((b, delay_ms)) = dns {
+        dns_servers(me, b, Duration::from_millis(delay_ms)).await?;
+    }
     for port in [PORT_ECHO, PORT_AFTER_EOF, PORT_SINK, PORT_SOURCE, PORT_HTTP] {
         let l = TcpListener::bind(any(port)).await?;
         tokio::task::spawn_local(async move {
@@ -134,4 +142,92 @@ async fn http(mut s: TcpStream) -> std::io::Result<()> {
 async fn shutdown(s: &mut TcpStream) -> std::io::Result<()> {
     s.writable().await?;
     s.shutdown().await
+}
+
+/// What a DNS upstream sends back for `query` (None: nothing).
+pub fn dns_answer(me: Ipv4Addr, b: DnsBehaviour, tcp: bool, query: &[u8]) -> Option<Vec<u8>> {
+    let (_, name) = dnsmsg::question(query)?;
+    let n = dnsmsg::records_asked(&name);
+    let full = || {
+        let addrs: Vec<Ipv4Addr> = (0..n).map(|k| dnsmsg::record_addr(me, k)).collect();
+        dnsmsg::answer(query, 0, &addrs)
+    };
+    match b {
+        DnsBehaviour::Answer | DnsBehaviour::Slow => full(),
+        DnsBehaviour::Drop => None,
+        DnsBehaviour::Servfail => dnsmsg::answer(query, dnsmsg::RCODE_SERVFAIL, &[]),
+        DnsBehaviour::Truncate if tcp => full(),
+        DnsBehaviour::Truncate => dnsmsg::answer(query, dnsmsg::FLAG_TC, &[]),
+        DnsBehaviour::Garbage => {
+            // Deterministic junk keyed by the query: a header with the query's ID but a
+            // question that is not the one asked, then noise.
+            let mut g = vec![0u8; 40];
+            Pattern::new(u64::from(u16::from_be_bytes([query[0], query[1]]))).fill(&mut g);
+            g[0..2].copy_from_slice(&query[0..2]);
+            g[2] |= 0x80;
+            Some(g)
+        }
+        DnsBehaviour::WrongId => {
+            let mut a = full()?;
+            a[0] ^= 0x5a;
+            a[1] ^= 0xa5;
+            Some(a)
+        }
+    }
+}
+
+/// The DNS servers of an upstream: UDP and TCP (2-byte length framing) on port 53.
+async fn dns_servers(me: Ipv4Addr, b: DnsBehaviour, delay: Duration) -> std::io::Result<()> {
+    let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 53));
+    let udp = Rc::new(UdpSocket::bind(any).await?);
+    tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            let Some(reply) = dns_answer(me, b, false, &buf[..n]) else {
+                continue;
+            };
+            if b == DnsBehaviour::Slow {
+                let udp = udp.clone();
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = udp.send_to(&reply, from).await;
+                });
+            } else {
+                let _ = udp.send_to(&reply, from).await;
+            }
+        }
+    });
+    let l = TcpListener::bind(any).await?;
+    tokio::task::spawn_local(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::task::spawn_local(dns_tcp(s, me, b, delay));
+        }
+    });
+    Ok(())
+}
+
+async fn dns_tcp(
+    mut s: TcpStream,
+    me: Ipv4Addr,
+    b: DnsBehaviour,
+    delay: Duration,
+) -> std::io::Result<()> {
+    loop {
+        let mut len = [0u8; 2];
+        if s.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut q).await?;
+        let Some(reply) = dns_answer(me, b, true, &q) else {
+            continue;
+        };
+        if b == DnsBehaviour::Slow {
+            tokio::time::sleep(delay).await;
+        }
+        let mut out = (reply.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&reply);
+        s.write_all(&out).await?;
+    }
+    shutdown(&mut s).await
 }

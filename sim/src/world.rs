@@ -13,11 +13,12 @@ use tokio::sync::Notify;
 use usernet::{Driver, FrameTransport};
 use usernet_core::{Config, Stack};
 
+use crate::client::ClientShared;
 use crate::guest::{Guest, GuestShared, Outcome};
 use crate::hostnet::TurmoilNet;
 use crate::link::{fmt_mac, Dir, Link, LinkParams};
 use crate::rng;
-use crate::scenario::{EventKind, Expect, Scenario, Transport};
+use crate::scenario::{EventKind, Expect, JobKind, Scenario, Transport};
 use crate::trace::Trace;
 
 /// Deliberately broken behaviours, to prove the oracles can fail.
@@ -74,6 +75,9 @@ pub struct DaemonReport {
     pub workload_done_us: u64,
     pub idle_us: u64,
     pub mtu_changes: Vec<(u64, u16)>,
+    /// Expose/unexpose calls and what they answered.
+    pub forwards: Vec<String>,
+    pub dns: Option<usernet_core::dns::DnsStats>,
 }
 
 /// The state every task of the world shares (one thread: `Rc<RefCell<_>>`).
@@ -86,6 +90,11 @@ pub struct World {
     pub pending_mtu: Vec<(u16, bool)>,
     pub daemon: Option<DaemonReport>,
     pub errors: Vec<String>,
+    /// Client hosts (port forwards) and how many have not finished.
+    pub clients: Vec<ClientShared>,
+    pub clients_left: usize,
+    /// Expose/unexpose events for the daemon to carry out: (kind, host port, guest port).
+    pub pending_forwards: Vec<(EventKind, u16, u16)>,
 }
 
 impl World {
@@ -260,6 +269,30 @@ fn daemon_config(sc: &Scenario) -> Config {
     if let Some(t) = o.connect_timeout_s {
         c.tcp.connect_timeout = usernet_core::Duration::from_micros((t * 1e6) as u64);
     }
+    if let Some(d) = &sc.dns {
+        let mut dc =
+            usernet_core::dns::DnsConfig::new(IpAddr::V4(c.gateway), c.host_alias.map(IpAddr::V4));
+        dc.upstream_groups = d
+            .groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .filter_map(|n| sc.upstream_ip(n))
+                    .map(|ip| std::net::SocketAddr::new(IpAddr::V4(ip), 53))
+                    .collect()
+            })
+            .collect();
+        if let Some(ms) = d.retransmit_ms {
+            dc.retransmit = usernet_core::Duration::from_millis(ms);
+        }
+        if let Some(ms) = d.timeout_ms {
+            dc.timeout = usernet_core::Duration::from_millis(ms);
+        }
+        if let Some(n) = d.cache_entries {
+            dc.cache_entries = n;
+        }
+        c.dns = Some(dc);
+    }
     c
 }
 
@@ -309,13 +342,10 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
         .udp_capacity(256)
         .build();
 
-    let ups: Vec<(String, IpAddr)> = sc
-        .upstreams
-        .iter()
-        .map(|u| (u.name.clone(), IpAddr::V4(u.ip.parse().expect("checked"))))
-        .collect();
-    for (_, ip) in &ups {
-        sim.host(*ip, crate::upstream::serve);
+    for u in &sc.upstreams {
+        let ip: Ipv4Addr = u.ip.parse().expect("checked");
+        let dns = u.dns.map(|b| (b, u.dns_delay_ms));
+        sim.host(IpAddr::V4(ip), move || crate::upstream::serve(ip, dns));
     }
 
     // The shared world. `base` is reset when the daemon starts (inside its runtime).
@@ -326,6 +356,14 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
         let macs = macs.clone();
         sim.client(IpAddr::V4(DAEMON_IP), async move {
             daemon_main(sc, seed, opts, params, macs, config, mtu, world_slot).await
+        });
+    }
+
+    for (ci, c) in sc.clients.iter().enumerate() {
+        let ip: Ipv4Addr = c.ip.parse().expect("checked");
+        let (spec, slot) = (c.clone(), world.clone());
+        sim.client(IpAddr::V4(ip), async move {
+            crate::client::run(ci, spec, DAEMON_IP, seed, slot).await
         });
     }
 
@@ -373,6 +411,13 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
                     EventKind::MtuTold | EventKind::MtuBlackhole => {
                         w.pending_mtu
                             .push((e.mtu.expect("checked"), e.kind == EventKind::MtuTold));
+                    }
+                    EventKind::Expose | EventKind::Unexpose => {
+                        w.pending_forwards.push((
+                            e.kind,
+                            e.port.expect("checked"),
+                            e.guest_port.unwrap_or(0),
+                        ));
                     }
                     _ => {}
                 }
@@ -438,6 +483,9 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
                 pending_mtu: vec![],
                 daemon: b.daemon.take(),
                 errors: std::mem::take(&mut b.errors),
+                clients: std::mem::take(&mut b.clients),
+                clients_left: b.clients_left,
+                pending_forwards: vec![],
             }
         });
     check(sc, &w, &mut report, opts);
@@ -484,6 +532,21 @@ async fn daemon_main(
         pending_mtu: Vec::new(),
         daemon: None,
         errors: Vec::new(),
+        clients: sc
+            .clients
+            .iter()
+            .map(|c| ClientShared {
+                name: c.name.clone(),
+                outcomes: vec![Vec::new(); c.jobs.len()],
+                done: false,
+            })
+            .collect(),
+        clients_left: sc.clients.len(),
+        pending_forwards: sc
+            .forwards
+            .iter()
+            .map(|f| (EventKind::Expose, f.port, f.guest_port))
+            .collect(),
     }));
     *slot.borrow_mut() = Some(world.clone());
     CURRENT.with(|c| *c.borrow_mut() = Some(Rc::downgrade(&world)));
@@ -498,6 +561,10 @@ async fn daemon_main(
             macs[i],
             g,
             |name| sc.upstream_ip(name),
+            sc.upstreams
+                .iter()
+                .filter_map(|u| Some((u.name.clone(), u.ip.parse().ok()?)))
+                .collect(),
             seed,
             mtu,
             world.clone(),
@@ -569,6 +636,7 @@ async fn daemon_main(
     report.tcp_connects_failed = st.tcp_connects_failed;
     report.udp_flows_opened = st.udp_flows_opened;
     report.connects_ok = driver.stats.connects_ok;
+    report.dns = stack.dns_stats().cloned();
     report.drops = st
         .drops()
         .map(|(r, n)| (r.as_str().to_string(), n))
@@ -685,9 +753,46 @@ impl Phases<'_> {
         report: &mut DaemonReport,
     ) -> turmoil::Result {
         let world = self.world;
-        // Phase 1: the workload, interrupted for MTU changes. The stop future also wakes
-        // up every 100 ms so that MTU events fired by the outer loop are applied promptly.
+        // Phase 1: the workload, interrupted for MTU changes and port-forward calls. The
+        // stop future also wakes up every 100 ms so that events fired by the outer loop
+        // are applied promptly.
         loop {
+            let forwards: Vec<(EventKind, u16, u16)> =
+                std::mem::take(&mut world.borrow_mut().pending_forwards);
+            for (kind, port, guest_port) in forwards {
+                let local = std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+                let (what, r) = if kind == EventKind::Expose {
+                    let f = usernet::forward::Forward {
+                        protocol: usernet::forward::Protocol::Tcp,
+                        local,
+                        remote: usernet::forward::Remote::Leased(guest_port),
+                    };
+                    (format!("expose {f}"), driver.expose(f).await)
+                } else {
+                    (
+                        format!("unexpose tcp {local}"),
+                        driver
+                            .unexpose(local, usernet::forward::Protocol::Tcp)
+                            .map(|_| ()),
+                    )
+                };
+                let w = &mut *world.borrow_mut();
+                let t = w.now_us();
+                let line = format!(
+                    "{what} at {}: {}",
+                    secs(t),
+                    match &r {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("error: {e}"),
+                    }
+                );
+                w.trace
+                    .event(t, "forward", u64::from(port), line.as_bytes());
+                w.trace.log(t, || format!("daemon {line}"));
+                report.forwards.push(line);
+                let listed = driver.list().len();
+                w.trace.event(t, "forwards-listed", listed as u64, &[]);
+            }
             let stop = async {
                 tokio::select! {
                     biased;
@@ -720,7 +825,7 @@ impl Phases<'_> {
                     }
                 }
             }
-            if world.borrow().guests.iter().all(|g| g.done) {
+            if world.borrow().guests.iter().all(|g| g.done) && world.borrow().clients_left == 0 {
                 break;
             }
         }
@@ -744,6 +849,52 @@ impl Phases<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Check the outcomes of one job against what it expects.
+fn check_job(
+    f: &mut Vec<String>,
+    who: &str,
+    ji: usize,
+    job: &crate::scenario::Job,
+    outs: &[Outcome],
+) {
+    let mut bad = Vec::new();
+    for (ci, o) in outs.iter().enumerate() {
+        let problem = match (o, job.expect) {
+            (Outcome::Corrupt(why), _) => Some(format!("safety: {why}")),
+            (Outcome::Timeout { detail }, _) => Some(format!(
+                "liveness: not finished by {}s: {detail}",
+                job.deadline_s
+            )),
+            (Outcome::Complete { .. }, Expect::Complete | Expect::Clean) => None,
+            (
+                Outcome::Reset {
+                    established: false, ..
+                },
+                Expect::Reset,
+            ) => None,
+            (Outcome::Reset { .. } | Outcome::Truncated { .. }, Expect::Clean) => None,
+            (Outcome::Servfail { .. }, Expect::Servfail | Expect::Clean) => None,
+            (o, e) => Some(format!("expected {e:?}, got {o:?}")),
+        };
+        if let Some(p) = problem {
+            bad.push(format!("{who} job{ji} ({:?}) #{ci}: {p}", job.kind));
+        }
+    }
+    let n = bad.len();
+    f.extend(bad.into_iter().take(3));
+    if n > 3 {
+        f.push(format!("{who} job{ji}: ... {n} connections failed in all"));
+    }
+    // A server handles whatever its clients bring.
+    if job.kind != JobKind::Serve && outs.len() as u32 != job.count {
+        f.push(format!(
+            "{who} job{ji}: {} outcomes for {} connections",
+            outs.len(),
+            job.count
+        ));
     }
 }
 
@@ -771,42 +922,16 @@ fn check(sc: &Scenario, w: &World, report: &mut RunReport, opts: RunOptions) {
             continue;
         }
         for (ji, (job, outs)) in spec.jobs.iter().zip(&g.outcomes).enumerate() {
-            let mut bad = Vec::new();
-            for (ci, o) in outs.iter().enumerate() {
-                let problem = match (o, job.expect) {
-                    (Outcome::Corrupt(why), _) => Some(format!("safety: {why}")),
-                    (Outcome::Timeout { detail }, _) => Some(format!(
-                        "liveness: not finished by {}s: {detail}",
-                        job.deadline_s
-                    )),
-                    (Outcome::Complete { .. }, Expect::Complete | Expect::Clean) => None,
-                    (
-                        Outcome::Reset {
-                            established: false, ..
-                        },
-                        Expect::Reset,
-                    ) => None,
-                    (Outcome::Reset { .. } | Outcome::Truncated { .. }, Expect::Clean) => None,
-                    (o, e) => Some(format!("expected {e:?}, got {o:?}")),
-                };
-                if let Some(p) = problem {
-                    bad.push(format!("guest{gi} job{ji} ({:?}) #{ci}: {p}", job.kind));
-                }
-            }
-            let n = bad.len();
-            f.extend(bad.into_iter().take(3));
-            if n > 3 {
-                f.push(format!(
-                    "guest{gi} job{ji}: ... {n} connections failed in all"
-                ));
-            }
-            if outs.len() as u32 != job.count {
-                f.push(format!(
-                    "guest{gi} job{ji}: {} outcomes for {} connections",
-                    outs.len(),
-                    job.count
-                ));
-            }
+            check_job(f, &format!("guest{gi}"), ji, job, outs);
+        }
+    }
+    for (ci, (c, spec)) in w.clients.iter().zip(&sc.clients).enumerate() {
+        if !c.done {
+            f.push(format!("liveness: client{ci} did not finish its workload"));
+            continue;
+        }
+        for (ji, (job, outs)) in spec.jobs.iter().zip(&c.outcomes).enumerate() {
+            check_job(f, &format!("client{ci}"), ji, job, outs);
         }
     }
     match &w.daemon {
@@ -832,6 +957,41 @@ fn secs(us: u64) -> String {
     format!("{:.3}s", us as f64 / 1e6)
 }
 
+fn summary_job(s: &mut String, ji: usize, job: &crate::scenario::Job, outs: &[Outcome]) {
+    let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+    let mut bytes = 0;
+    let mut last = 0;
+    for o in outs {
+        let k = match o {
+            Outcome::Complete { bytes: b, .. } => {
+                bytes += b;
+                "complete"
+            }
+            Outcome::Reset {
+                established: false, ..
+            } => "refused",
+            Outcome::Reset { .. } => "reset",
+            Outcome::Truncated { .. } => "truncated",
+            Outcome::Servfail { .. } => "servfail",
+            Outcome::Corrupt(_) => "CORRUPT",
+            Outcome::Timeout { .. } => "TIMEOUT",
+        };
+        *counts.entry(k).or_default() += 1;
+        last = last.max(o.at_us().unwrap_or(0));
+    }
+    let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(
+        s,
+        "  job{ji} {:?} x{} (expect {:?}): {} ; {} bytes; last at {}",
+        job.kind,
+        job.count,
+        job.expect,
+        counts.join(" "),
+        bytes,
+        secs(last)
+    );
+}
+
 /// The readable summary snapshotted per scenario.
 fn summary(sc: &Scenario, w: &World, r: &RunReport) -> String {
     let mut s = String::new();
@@ -847,37 +1007,17 @@ fn summary(sc: &Scenario, w: &World, r: &RunReport) -> String {
         }
         for (ji, job) in spec.jobs.iter().enumerate() {
             let outs = g.outcomes.get(ji).map(Vec::as_slice).unwrap_or(&[]);
-            let mut counts = std::collections::BTreeMap::<&str, u32>::new();
-            let mut bytes = 0;
-            let mut last = 0;
-            for o in outs {
-                let k = match o {
-                    Outcome::Complete { bytes: b, .. } => {
-                        bytes += b;
-                        "complete"
-                    }
-                    Outcome::Reset {
-                        established: false, ..
-                    } => "refused",
-                    Outcome::Reset { .. } => "reset",
-                    Outcome::Truncated { .. } => "truncated",
-                    Outcome::Corrupt(_) => "CORRUPT",
-                    Outcome::Timeout { .. } => "TIMEOUT",
-                };
-                *counts.entry(k).or_default() += 1;
-                last = last.max(o.at_us().unwrap_or(0));
+            summary_job(&mut s, ji, job, outs);
+            for n in g.notes.get(ji).map(Vec::as_slice).unwrap_or(&[]) {
+                let _ = writeln!(s, "    {n}");
             }
-            let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let _ = writeln!(
-                s,
-                "  job{ji} {:?} x{} (expect {:?}): {} ; {} bytes; last at {}",
-                job.kind,
-                job.count,
-                job.expect,
-                counts.join(" "),
-                bytes,
-                secs(last)
-            );
+        }
+    }
+    for (c, spec) in w.clients.iter().zip(&sc.clients) {
+        let _ = writeln!(s, "client {} {}:", c.name, spec.ip);
+        for (ji, job) in spec.jobs.iter().enumerate() {
+            let outs = c.outcomes.get(ji).map(Vec::as_slice).unwrap_or(&[]);
+            summary_job(&mut s, ji, job, outs);
         }
     }
     for dir in [Dir::G2d, Dir::D2g] {
@@ -920,6 +1060,22 @@ fn summary(sc: &Scenario, w: &World, r: &RunReport) -> String {
         );
         for (t, m) in &d.mtu_changes {
             let _ = writeln!(s, "  set_mtu({m}) at {}", secs(*t));
+        }
+        for l in &d.forwards {
+            let _ = writeln!(s, "  {l}");
+        }
+        if let Some(x) = &d.dns {
+            let _ = writeln!(
+                s,
+                "  dns: queries={} tcp={} forwarded={} upstream sent={} good={} errors={} timeouts={} retransmits={} servfail={} truncated={} marked down={} recovered={}",
+                x.queries, x.queries_tcp, x.forwarded, x.upstream_sent, x.upstream_good, x.upstream_errors,
+                x.upstream_timeouts, x.retransmits, x.servfail_sent, x.truncated, x.servers_marked_down, x.servers_recovered
+            );
+            let _ = writeln!(
+                s,
+                "  dns dropped: malformed={} mismatch={} wrong source={} unknown id={} duplicate={}",
+                x.upstream_malformed, x.dropped_mismatch, x.dropped_wrong_source, x.dropped_unknown_id, x.dropped_duplicate
+            );
         }
         let drops: Vec<String> = d
             .drops

@@ -1090,3 +1090,41 @@ fn oversized_query_gets_formerr() {
     let r = replies(&drain(&mut d));
     assert_eq!(Header::parse(&r[0].1).unwrap().rcode(), raw::RCODE_FORMERR);
 }
+
+/// The caller closes a DNS-over-TCP exchange with an upstream once `awaits` says nobody
+/// waits for its answer (the sim's dns_all_down seed 1 leaked such flows to an upstream
+/// that accepts and never answers).
+#[test]
+fn awaits_ends_with_the_query_and_with_its_timeout() {
+    let mut d = dns(cfg(vec![vec![up(1)]]));
+    let client = ClientToken::Tcp(9);
+    d.handle_query(
+        t(0),
+        client,
+        &query(5, "slow.example.", RecordType::A, None),
+    );
+    let s = sends(&drain(&mut d));
+    let id = id_of(&s[0].2);
+    assert!(d.awaits(id, up(1), UpstreamTransport::Tcp));
+    assert!(!d.awaits(id, up(1), UpstreamTransport::Udp));
+    assert!(!d.awaits(id, up(2), UpstreamTransport::Tcp));
+    // No answer: retransmits, then SERVFAIL at the timeout; nothing is awaited after it.
+    let mut now = 0;
+    while d.inflight() > 0 {
+        now = d.poll_timeout().unwrap().total_millis();
+        d.handle_timeout(t(now));
+        drain(&mut d);
+    }
+    assert!(now <= 5000);
+    assert!(!d.awaits(id, up(1), UpstreamTransport::Tcp));
+    // A query whose guest left is not awaited either.
+    d.handle_query(
+        t(now),
+        client,
+        &query(6, "gone.example.", RecordType::A, None),
+    );
+    let id = id_of(&sends(&drain(&mut d))[0].2);
+    assert!(d.awaits(id, up(1), UpstreamTransport::Tcp));
+    d.cancel_client(client);
+    assert!(!d.awaits(id, up(1), UpstreamTransport::Tcp));
+}
