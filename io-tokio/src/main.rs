@@ -181,17 +181,24 @@ fn new_stack(config: Config, seed: u64, driver: &Driver<TokioNet>) -> Result<Sta
 
 /// Resolves on SIGINT or SIGTERM.
 async fn terminated() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    // The driver polls its stop future on every turn of its loop: waiting for the signals
+    // in a task of their own and handing over a oneshot keeps that poll to one atomic load.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
 }
 
 async fn serve_transport<T: FrameTransport>(
