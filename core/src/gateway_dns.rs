@@ -187,6 +187,7 @@ impl Stack {
         if s.send_capacity() - s.send_queue() >= len + 2 {
             let _ = s.send_slice(&(len as u16).to_be_bytes());
             let _ = s.send_slice(&bytes[..len]);
+            self.egress_pending = true;
         }
         self.dirty.push(flow);
     }
@@ -201,6 +202,7 @@ impl Stack {
             return;
         };
         let s = self.sockets.get_mut::<tcp::Socket>(handle);
+        let mut consumed = false;
         while let Ok(n) = s.recv(|b| {
             let n = b
                 .len()
@@ -211,6 +213,7 @@ impl Stack {
             if n == 0 {
                 break;
             }
+            consumed = true;
         }
         let mut queries = Vec::new();
         while inbuf.len() >= 2 {
@@ -221,10 +224,15 @@ impl Stack {
             queries.push(inbuf[2..2 + len].to_vec());
             inbuf.drain(..2 + len);
         }
+        if consumed {
+            // The window opened: the next egress pass may announce it.
+            self.egress_pending = true;
+        }
         if f.guest_fin && !f.host_eof {
             // The guest is done asking; the answers still go out before our FIN.
             f.host_eof = true;
             s.close();
+            self.egress_pending = true;
         }
         for q in queries {
             if let Some(dns) = self.dns.as_mut() {

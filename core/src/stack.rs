@@ -161,6 +161,8 @@ pub struct Stack {
     /// DNS-over-TCP exchanges with upstreams, one connection per query.
     dns_tcp: BTreeMap<FlowId, DnsTcpUpstream>,
     resolves: VecDeque<ResolveRequest>,
+    /// Servicing flows queued bytes or a close that the next egress pass must send.
+    egress_pending: bool,
 
     commands: VecDeque<Cmd>,
     arena: Vec<u8>,
@@ -170,6 +172,11 @@ pub struct Stack {
 
 /// Arena bytes kept across polls at most; a burst beyond is released.
 const ARENA_KEEP: usize = 1 << 20;
+/// smoltcp egress passes per poll at most (each sends up to one segment per flow).
+const EGRESS_PASSES: usize = 64;
+/// Frames for the guest queued by one poll at most, in bytes: beyond, the owner drains
+/// the queue first (backpressure from a slow guest link).
+const EGRESS_QUEUE_BYTES: usize = 2 << 20;
 /// A guest silent for this long (keep-alives unanswered, data unacknowledged) is gone.
 pub const TCP_GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Keep-alive interval towards the guest on idle flows (Linux's `tcp_keepalive_intvl`).
@@ -232,6 +239,7 @@ impl Stack {
             dns_udp: [None; 2],
             dns_tcp: BTreeMap::new(),
             resolves: VecDeque::new(),
+            egress_pending: false,
             commands: VecDeque::new(),
             arena: Vec::new(),
             scratch: Vec::new(),
@@ -1311,11 +1319,16 @@ impl Stack {
                 self.drain_dns(now);
             }
         }
-        // Egress may change socket states (timers, retransmission give-ups), and state
-        // changes may queue more egress (a close after EOF); two rounds settle it.
+        // Egress may change socket states (timers, retransmission give-ups); servicing the
+        // changes may queue more egress (the gateway's own DNS answers): then a second
+        // round sends it. Most polls need one round, and a round walks every socket.
         for _ in 0..2 {
+            self.egress_pending = false;
             self.flush_egress(now);
             self.service_dirty();
+            if !self.egress_pending {
+                break;
+            }
         }
     }
 
@@ -1328,8 +1341,17 @@ impl Stack {
             gateway_mac: self.config.gateway_mac,
             mtu: usize::from(self.config.mtu),
         };
-        let r = self.iface.poll_egress(now, &mut device, &mut self.sockets);
-        if r == smoltcp::iface::PollResult::SocketStateChanged {
+        // smoltcp sends at most one segment per socket and pass: pass again while it
+        // still has something to send, until the guest's queue holds enough for now
+        // (the owner drains it, and the next poll continues).
+        for _ in 0..EGRESS_PASSES {
+            if device.tx.bytes() >= EGRESS_QUEUE_BYTES {
+                break;
+            }
+            let r = self.iface.poll_egress(now, &mut device, &mut self.sockets);
+            if r != smoltcp::iface::PollResult::SocketStateChanged {
+                break;
+            }
             // Timers (retransmission, keep-alive) act on any socket.
             self.all_dirty = true;
         }
