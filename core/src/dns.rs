@@ -476,6 +476,18 @@ impl Dns {
     }
 
     /// Send `bytes` to the guest, cut to the UDP limit when needed.
+    /// Answer `q` ourselves with `rcode` and no records.
+    fn answer_empty(
+        &mut self,
+        client: ClientToken,
+        q: &Message,
+        rcode: ResponseCode,
+        udp_limit: usize,
+    ) {
+        let reply = local_reply(q, rcode, Vec::new(), false, udp_limit);
+        self.deliver(client, udp_limit, reply);
+    }
+
     fn deliver(&mut self, client: ClientToken, udp_limit: usize, mut bytes: Vec<u8>) {
         let limit = match client {
             ClientToken::Udp(_) => udp_limit,
@@ -576,35 +588,17 @@ impl Dns {
             Some(self.cfg.upstream_groups.clone())
         } else if self.cfg.mode == DnsMode::System {
             self.stats.notimp_sent += 1;
-            let reply = local_reply(&parsed, ResponseCode::NotImp, Vec::new(), false, udp_limit);
-            self.deliver(client, udp_limit, reply);
-            return;
+            return self.answer_empty(client, &parsed, ResponseCode::NotImp, udp_limit);
         } else {
             self.stats.no_upstream += 1;
             self.stats.servfail_sent += 1;
-            let reply = local_reply(
-                &parsed,
-                ResponseCode::ServFail,
-                Vec::new(),
-                false,
-                udp_limit,
-            );
-            self.deliver(client, udp_limit, reply);
-            return;
+            return self.answer_empty(client, &parsed, ResponseCode::ServFail, udp_limit);
         };
 
         if self.pending.len() >= self.cfg.max_inflight {
             self.stats.inflight_limited += 1;
             self.stats.servfail_sent += 1;
-            let reply = local_reply(
-                &parsed,
-                ResponseCode::ServFail,
-                Vec::new(),
-                false,
-                udp_limit,
-            );
-            self.deliver(client, udp_limit, reply);
-            return;
+            return self.answer_empty(client, &parsed, ResponseCode::ServFail, udp_limit);
         }
 
         let key = self.next_key;

@@ -86,32 +86,38 @@ impl ReadyQueue {
     }
 }
 
-struct FlowWaker {
-    id: FlowId,
+/// What a waker queues when its socket becomes ready.
+#[derive(Clone, Copy)]
+enum Token {
+    /// A flow's host socket (TCP stream, pending connect, UDP socket).
+    Flow(FlowId),
+    /// A forward's listening socket.
+    Forward(u64),
+}
+
+struct TokenWaker {
+    token: Token,
     queue: Arc<ReadyQueue>,
 }
 
-impl Wake for FlowWaker {
-    fn wake(self: Arc<Self>) {
-        self.queue.push(self.id);
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.queue.push(self.id);
+impl TokenWaker {
+    fn waker(token: Token, queue: &Arc<ReadyQueue>) -> Waker {
+        Waker::from(Arc::new(TokenWaker {
+            token,
+            queue: queue.clone(),
+        }))
     }
 }
 
-/// The waker of a forward's listening socket: it queues the forward's id.
-struct ForwardWaker {
-    id: u64,
-    queue: Arc<ReadyQueue>,
-}
-
-impl Wake for ForwardWaker {
+impl Wake for TokenWaker {
     fn wake(self: Arc<Self>) {
-        self.queue.push_forward(self.id);
+        self.wake_by_ref();
     }
     fn wake_by_ref(self: &Arc<Self>) {
-        self.queue.push_forward(self.id);
+        match self.token {
+            Token::Flow(id) => self.queue.push(id),
+            Token::Forward(id) => self.queue.push_forward(id),
+        }
     }
 }
 
@@ -362,10 +368,7 @@ impl<N: HostNet> Driver<N> {
         };
         let id = self.next_forward;
         self.next_forward += 1;
-        let waker = Waker::from(Arc::new(ForwardWaker {
-            id,
-            queue: self.ready.clone(),
-        }));
+        let waker = TokenWaker::waker(Token::Forward(id), &self.ready);
         self.forwards.insert(
             id,
             ForwardIo {
@@ -544,10 +547,7 @@ impl<N: HostNet> Driver<N> {
             HostCommand::TcpConnect { flow, dst } => {
                 // Polled in place rather than spawned: no task and no channel hop per
                 // connection, and the flow's waker is the one its stream keeps.
-                let waker = Waker::from(Arc::new(FlowWaker {
-                    id: flow,
-                    queue: self.ready.clone(),
-                }));
+                let waker = TokenWaker::waker(Token::Flow(flow), &self.ready);
                 let mut fut = self.net.tcp_connect(dst);
                 match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
                     Poll::Ready(r) => self.connected.push((flow, r, waker)),
@@ -889,10 +889,7 @@ impl<N: HostNet> Driver<N> {
                             self.stats.forward_accepted += 1;
                             fwd.active += 1;
                             self.inbound_tcp.insert(flow, id);
-                            let waker = Waker::from(Arc::new(FlowWaker {
-                                id: flow,
-                                queue: self.ready.clone(),
-                            }));
+                            let waker = TokenWaker::waker(Token::Flow(flow), &self.ready);
                             // The core says `TcpReady` once the guest accepted (or
                             // `TcpAbort` if it refused).
                             self.tcp.insert(
@@ -1061,10 +1058,7 @@ impl<N: HostNet> Driver<N> {
         let io = match self.udp.get_mut(&flow) {
             Some(io) => io,
             None => {
-                let waker = Waker::from(Arc::new(FlowWaker {
-                    id: flow,
-                    queue: self.ready.clone(),
-                }));
+                let waker = TokenWaker::waker(Token::Flow(flow), &self.ready);
                 let bind = self.net.udp_bind(dst);
                 let io = UdpIo {
                     state: UdpState::Binding(bind),

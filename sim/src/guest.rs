@@ -582,13 +582,7 @@ impl Guest {
         let last_acks = &mut self.last_acks;
         let mut dropped = 0;
         self.inbox.retain(|f| {
-            let Ok(eth) = EthernetFrame::new_checked(&f[..]) else {
-                return true;
-            };
-            if eth.ethertype() != EthernetProtocol::Ipv4 {
-                return true;
-            }
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            let Some(ip) = ipv4_of(f) else {
                 return true;
             };
             if ip.next_header() != IpProtocol::Tcp {
@@ -645,13 +639,7 @@ impl Guest {
         };
         let replies = &mut self.echo_replies;
         self.inbox.retain(|f| {
-            let Ok(eth) = EthernetFrame::new_checked(&f[..]) else {
-                return true;
-            };
-            if eth.ethertype() != EthernetProtocol::Ipv4 {
-                return true;
-            }
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            let Some(ip) = ipv4_of(f) else {
                 return true;
             };
             if ip.next_header() != IpProtocol::Icmp || ip.dst_addr() != me {
@@ -774,13 +762,7 @@ impl Guest {
         };
         let before = self.inbox.len();
         self.inbox.retain(|f| {
-            let Ok(eth) = EthernetFrame::new_checked(&f[..]) else {
-                return true;
-            };
-            if eth.ethertype() != EthernetProtocol::Ipv4 {
-                return true;
-            }
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            let Some(ip) = ipv4_of(f) else {
                 return true;
             };
             if ip.next_header() != IpProtocol::Tcp {
@@ -1491,4 +1473,13 @@ impl Guest {
         }
         progress
     }
+}
+
+/// The IPv4 packet an Ethernet frame carries, if it carries one.
+pub(crate) fn ipv4_of(frame: &[u8]) -> Option<Ipv4Packet<&[u8]>> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    Ipv4Packet::new_checked(eth.payload()).ok()
 }

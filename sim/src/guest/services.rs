@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::IpAddress;
 
-use super::{Guest, Outcome};
+use super::{ipv4_of, Guest, Outcome};
 use crate::dnsmsg;
 use crate::scenario::JobKind;
 
@@ -635,19 +635,13 @@ impl Guest {
     /// looks connections up by 4-tuple first); smoltcp would hand it to a spare listening
     /// socket earlier in its set and open a second connection.
     pub(super) fn drop_syn_for_known_connection(&mut self) {
-        use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+        use smoltcp::wire::{IpProtocol, TcpPacket};
         if !self.jobs.iter().any(|j| j.spec.kind == JobKind::Serve) {
             return;
         }
         let sockets = &self.sockets;
         self.inbox.retain(|f| {
-            let Ok(eth) = EthernetFrame::new_checked(&f[..]) else {
-                return true;
-            };
-            if eth.ethertype() != EthernetProtocol::Ipv4 {
-                return true;
-            }
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            let Some(ip) = ipv4_of(f) else {
                 return true;
             };
             if ip.next_header() != IpProtocol::Tcp {
