@@ -223,6 +223,8 @@ pub struct NetArgs {
     /// fresh from the OS. A fixed seed makes a run reproducible.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+    #[command(flatten)]
+    pub pcap: crate::pcap::PcapArgs,
 }
 
 #[derive(Debug)]

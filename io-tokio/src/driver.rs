@@ -272,6 +272,8 @@ pub struct Driver<N: HostNet> {
     default_guest: Option<std::net::Ipv4Addr>,
     /// Control API requests.
     control: Option<mpsc::Receiver<Control>>,
+    /// Capture of every frame to and from the guest (`--pcap`).
+    pcap: Option<crate::pcap::Pcap>,
 }
 
 impl<N: HostNet> Driver<N> {
@@ -300,7 +302,13 @@ impl<N: HostNet> Driver<N> {
             listen_backlog: 128,
             default_guest: None,
             control: None,
+            pcap: None,
         }
+    }
+
+    /// Record every frame to and from the guest in `pcap`.
+    pub fn set_pcap(&mut self, pcap: crate::pcap::Pcap) {
+        self.pcap = Some(pcap);
     }
 
     /// Serve control API requests arriving on `rx` (see [`crate::api::serve`]).
@@ -469,6 +477,9 @@ impl<N: HostNet> Driver<N> {
                     let now = self.now();
                     self.maybe_reload_hosts(stack);
                     while let Some(frame) = transport.next_frame() {
+                        if let Some(p) = &self.pcap {
+                            p.record(frame);
+                        }
                         stack.handle_frame(now, frame);
                     }
                 }
@@ -532,6 +543,9 @@ impl<N: HostNet> Driver<N> {
                 let Some(frame) = stack.peek_frame() else {
                     break;
                 };
+                if let Some(p) = &self.pcap {
+                    p.record(frame);
+                }
                 transport.send_frame(frame)?;
                 stack.pop_frame();
             }

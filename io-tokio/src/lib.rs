@@ -7,6 +7,7 @@ pub mod driver;
 pub mod forward;
 pub mod hostnet;
 pub mod netns;
+pub mod pcap;
 pub mod ping;
 pub mod stream;
 pub mod tap;

@@ -134,6 +134,9 @@ async fn new_driver(
         total: net.forward_max_total,
     });
     driver.set_default_guest(default_guest);
+    if let Some(p) = net.pcap.open().map_err(|e| CliError(e.to_string()))? {
+        driver.set_pcap(p);
+    }
     for f in net.forwards() {
         driver
             .expose(f)
