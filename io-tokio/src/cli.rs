@@ -12,6 +12,9 @@ use usernet_core::{Config, Subnet};
 
 use crate::forward::{parse_publish, Forward, Protocol};
 
+/// The TAP MTU `usernet guest` sets by default: the daemon's default on VM transports.
+pub const DEFAULT_GUEST_MTU: u32 = DEFAULT_VM_MTU as u32;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "usernet",
@@ -74,6 +77,10 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
     },
+    /// Run inside a guest (or a network namespace): create a TAP device, bring it up and
+    /// carry its frames to a usernet daemon over a UNIX or vsock stream, reconnecting
+    /// when the daemon restarts. Addressing is left to the guest's DHCP client.
+    Guest(crate::guest::GuestArgs),
     /// Talk to a running daemon's control API (`--api PATH`): expose and unexpose port
     /// forwards, list them, show DHCP leases and counters.
     Ctl {
@@ -390,13 +397,13 @@ impl Command {
             Command::Run { net, .. } | Command::Tap { net, .. } | Command::Stream { net, .. } => {
                 Some(net)
             }
-            Command::Ctl { .. } => None,
+            Command::Ctl { .. } | Command::Guest(_) => None,
         }
     }
     pub fn default_mtu(&self) -> u16 {
         match self {
             Command::Run { .. } | Command::Tap { .. } | Command::Ctl { .. } => DEFAULT_TAP_MTU,
-            Command::Stream { .. } => DEFAULT_VM_MTU,
+            Command::Stream { .. } | Command::Guest(_) => DEFAULT_VM_MTU,
         }
     }
 }

@@ -218,6 +218,12 @@ async fn serve_transport<T: FrameTransport>(
 }
 
 async fn serve(command: Command) -> Result<ExitCode, CliError> {
+    if let Command::Guest(args) = command {
+        usernet::guest::serve(args, terminated())
+            .await
+            .map_err(CliError)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let net = command
         .net()
         .ok_or_else(|| CliError("not a transport".into()))?
@@ -246,7 +252,7 @@ async fn serve(command: Command) -> Result<ExitCode, CliError> {
             serve_transport(driver, config, seed, &mut transport, terminated()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ctl { .. } => Err(CliError("ctl is not a transport".into())),
+        Command::Ctl { .. } | Command::Guest(_) => Err(CliError("not a daemon subcommand".into())),
         Command::Run {
             tap,
             no_configure,
