@@ -40,6 +40,9 @@ pub const MIN_FRAME: usize = 14;
 const TX_HIGH_WATER: usize = 256 * 1024;
 /// Size of the receive buffer: many frames per `read`, at least one maximal frame.
 const RX_BUFFER: usize = 256 * 1024;
+/// A connection attempt that has not completed by then counts as failed (a vsock peer
+/// that never answers; a UNIX connect does not wait).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first wait before connecting again.
 const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 
@@ -434,6 +437,8 @@ where
     let mut fut = std::pin::pin!(fut);
     loop {
         tokio::select! {
+            // A connection that is ready is taken before any more frames are dropped.
+            biased;
             _ = stop.as_mut() => return Ok(None),
             out = fut.as_mut() => return Ok(Some(out)),
             r = tap.recv() => match r {
@@ -484,6 +489,17 @@ enum Conn {
 }
 
 async fn connect(endpoint: &Endpoint) -> io::Result<Conn> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_once(endpoint))
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {CONNECT_TIMEOUT:?}"),
+            ))
+        })
+}
+
+async fn connect_once(endpoint: &Endpoint) -> io::Result<Conn> {
     match endpoint {
         Endpoint::Unix(path) => tokio::net::UnixStream::connect(path).await.map(Conn::Unix),
         Endpoint::Vsock { cid, port } => {
@@ -832,12 +848,24 @@ mod tests {
         f
     }
 
-    async fn accept(l: &tokio::net::UnixListener) -> tokio::net::UnixStream {
-        tokio::time::timeout(T, l.accept())
+    /// Accept the helper's next connection and wait until it carries frames: `accept`
+    /// returns as soon as the helper's connect is queued, before the helper knows it is
+    /// connected (frames it reads from the TAP until then are dropped, as they should be).
+    async fn accept(
+        l: &tokio::net::UnixListener,
+        framing: Framing,
+        sent: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    ) -> tokio::net::UnixStream {
+        let mut s = tokio::time::timeout(T, l.accept())
             .await
             .expect("the helper (re)connects")
             .unwrap()
-            .0
+            .0;
+        let hello = frame(0xee, 42);
+        s.write_all(&wire(framing, &[&hello])).await.unwrap();
+        let got = tokio::time::timeout(T, sent.recv()).await.unwrap().unwrap();
+        assert_eq!(got, hello);
+        s
     }
 
     fn frame(tag: u8, len: usize) -> Vec<u8> {
@@ -870,7 +898,7 @@ mod tests {
             (s, tap)
         });
 
-        let mut conn = accept(&listener).await;
+        let mut conn = accept(&listener, framing, &mut sent).await;
         inject.send(frame(1, 60)).unwrap();
         inject.send(frame(2, 1514)).unwrap();
         assert_eq!(read_frame(&mut conn, framing).await, frame(1, 60));
@@ -888,7 +916,7 @@ mod tests {
 
         // The daemon restarts: EOF; the helper comes back.
         drop(conn);
-        let mut conn = accept(&listener).await;
+        let mut conn = accept(&listener, framing, &mut sent).await;
         inject.send(frame(5, 70)).unwrap();
         assert_eq!(read_frame(&mut conn, framing).await, frame(5, 70));
 
@@ -897,7 +925,7 @@ mod tests {
         framing.encode(3, &mut bad);
         bad.extend_from_slice(&[0, 0, 0]);
         conn.write_all(&bad).await.unwrap();
-        let mut conn2 = accept(&listener).await;
+        let mut conn2 = accept(&listener, framing, &mut sent).await;
         let mut rest = Vec::new();
         let n = tokio::time::timeout(T, conn.read_to_end(&mut rest))
             .await
@@ -914,8 +942,10 @@ mod tests {
         let stats = stats.unwrap();
         assert_eq!(stats.connects, 3);
         assert_eq!(stats.frames_to_daemon, 3);
-        assert_eq!(stats.frames_from_daemon, 3);
-        assert_eq!(stats.bytes_from_daemon, 364);
+        // Three greetings of 42 bytes, then 100, 200 and 64.
+        assert_eq!(stats.frames_from_daemon, 6);
+        assert_eq!(stats.bytes_from_daemon, 3 * 42 + 364);
+        assert_eq!(stats.dropped_disconnected, 0);
         drop(listener);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -970,5 +1000,21 @@ mod tests {
         assert!(stats.connect_failures >= 1, "{stats:?}");
         assert_eq!(stats.dropped_disconnected, 10);
         assert_eq!(stats.frames_to_daemon, 0);
+    }
+
+    /// The vsock path is compiled in and fails cleanly where nothing listens (or where
+    /// the machine has no vsock at all): an error, never a hang or a panic.
+    #[tokio::test]
+    async fn vsock_connect_without_a_listener_is_an_error() {
+        let r = tokio::time::timeout(
+            CONNECT_TIMEOUT + Duration::from_secs(5),
+            connect(&Endpoint::Vsock {
+                cid: 2,
+                port: 0x7fff_fff0,
+            }),
+        )
+        .await
+        .expect("connect is bounded");
+        assert!(r.is_err());
     }
 }
