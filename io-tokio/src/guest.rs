@@ -43,6 +43,8 @@ const RX_BUFFER: usize = 256 * 1024;
 /// A connection attempt that has not completed by then counts as failed (a vsock peer
 /// that never answers; a UNIX connect does not wait).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Socket buffers asked for (the kernel caps them at `net.core.[rw]mem_max`).
+const SOCKET_BUFFER: usize = 1 << 20;
 /// The first wait before connecting again.
 const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 
@@ -501,7 +503,13 @@ async fn connect(endpoint: &Endpoint) -> io::Result<Conn> {
 
 async fn connect_once(endpoint: &Endpoint) -> io::Result<Conn> {
     match endpoint {
-        Endpoint::Unix(path) => tokio::net::UnixStream::connect(path).await.map(Conn::Unix),
+        Endpoint::Unix(path) => {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            let r = socket2::SockRef::from(&s);
+            let _ = r.set_send_buffer_size(SOCKET_BUFFER);
+            let _ = r.set_recv_buffer_size(SOCKET_BUFFER);
+            Ok(Conn::Unix(s))
+        }
         Endpoint::Vsock { cid, port } => {
             tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port))
                 .await
