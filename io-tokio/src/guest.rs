@@ -187,6 +187,9 @@ impl RxBuf {
             self.end -= self.start;
             self.start = 0;
         }
+        // Never empty (a zero-length read would look like EOF): the buffer holds a maximal
+        // frame with its header, and complete frames are always taken out after a read.
+        debug_assert!(self.end < self.buf.len());
         &mut self.buf[self.end..]
     }
 
@@ -1024,5 +1027,49 @@ mod tests {
         .await
         .expect("connect is bounded");
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn guest_options_parse() {
+        use crate::cli::{Cli, Command};
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "usernet",
+            "guest",
+            "--connect",
+            "vsock://2:1024",
+            "--tap",
+            "eth1",
+            "--framing",
+            "u16le",
+            "--mtu",
+            "9000",
+        ])
+        .unwrap();
+        let Command::Guest(a) = cli.command else {
+            panic!("not the guest subcommand")
+        };
+        assert_eq!(a.connect, Endpoint::Vsock { cid: 2, port: 1024 });
+        assert_eq!(
+            (a.tap.as_str(), a.framing, a.mtu),
+            ("eth1", Framing::U16le, 9000)
+        );
+        assert_eq!(a.reconnect_max_ms, 2000);
+        let cli = Cli::try_parse_from(["usernet", "guest", "--connect", "unix:/s", "--tap", "t"])
+            .unwrap();
+        let Command::Guest(a) = cli.command else {
+            panic!("not the guest subcommand")
+        };
+        assert_eq!((a.framing, a.mtu), (Framing::Qemu, 1500));
+        for bad in [
+            &["--connect", "unix:/s"][..],
+            &["--tap", "t"],
+            &["--connect", "unix:/s", "--tap", "t", "--mtu", "67"],
+            &["--connect", "unix:/s", "--tap", "t", "--framing", "vmnet"],
+        ] {
+            let mut args = vec!["usernet", "guest"];
+            args.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(&args).is_err(), "{bad:?}");
+        }
     }
 }

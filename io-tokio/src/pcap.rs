@@ -220,7 +220,8 @@ pub struct Pcap {
 
 impl Pcap {
     /// Create (or truncate) `path`, mode 0600 (a capture holds the guest's traffic), and
-    /// write the file header.
+    /// write the file header. A symbolic link is refused: the daemon often runs as root
+    /// and the path is often in a shared directory such as /tmp.
     pub fn create(path: &Path, snaplen: u32, max_bytes: Option<u64>) -> io::Result<Pcap> {
         use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
@@ -228,11 +229,17 @@ impl Pcap {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| {
+                let why = if e.raw_os_error() == Some(libc::ELOOP) {
+                    "it is a symbolic link".to_string()
+                } else {
+                    crate::tap::os_msg(&e)
+                };
                 io::Error::new(
                     e.kind(),
-                    format!("cannot create pcap file {}: {e}", path.display()),
+                    format!("cannot create pcap file {}: {why}", path.display()),
                 )
             })?;
         let w = PcapWriter::new(f, snaplen, max_bytes)?;
@@ -417,5 +424,56 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(bytes.len(), 24 + 16 + 60);
         assert_eq!(&bytes[..4], &[0xd4, 0xc3, 0xb2, 0xa1]);
+    }
+
+    #[test]
+    fn a_symlink_is_refused() {
+        let dir = std::env::temp_dir().join(format!("usernet-pcap-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("target");
+        std::fs::write(&target, b"precious").unwrap();
+        let link = dir.join("cap.pcap");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = Pcap::create(&link, 65535, None).unwrap_err();
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn options_parse_and_are_checked() {
+        use crate::cli::Cli;
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "usernet",
+            "stream",
+            "--socket",
+            "/tmp/s",
+            "--pcap",
+            "/tmp/c.pcap",
+            "--pcap-snaplen",
+            "128",
+            "--pcap-max-bytes",
+            "1000000",
+        ])
+        .unwrap();
+        let p = &cli.command.net().unwrap().pcap;
+        assert_eq!(p.pcap.as_deref(), Some(Path::new("/tmp/c.pcap")));
+        assert_eq!(p.pcap_snaplen, 128);
+        assert_eq!(p.pcap_max_bytes, Some(1_000_000));
+        let cli = Cli::try_parse_from(["usernet", "tap", "--tap", "t"]).unwrap();
+        let p = &cli.command.net().unwrap().pcap;
+        assert_eq!((p.pcap.is_none(), p.pcap_snaplen), (true, DEFAULT_SNAPLEN));
+        for bad in [
+            &["--pcap-snaplen", "100"][..],
+            &["--pcap", "/tmp/c", "--pcap-snaplen", "0"],
+            &["--pcap", "/tmp/c", "--pcap-snaplen", "262145"],
+            &["--pcap-max-bytes", "5"],
+        ] {
+            let mut args = vec!["usernet", "tap", "--tap", "t"];
+            args.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(&args).is_err(), "{bad:?}");
+        }
     }
 }
