@@ -3,8 +3,8 @@
 # carried by `usernet guest` over a UNIX socket to `usernet stream` in a host namespace,
 # against iperf3 on that namespace's loopback (via the host alias). For comparison the
 # same through `usernet tap` (the daemon serving the TAP itself), and the stream path
-# with `--pcap` (full frames, and a 96-byte snap length; the file in a temporary
-# directory). CPU seconds of each process from /proc. Root; runs in
+# with `--pcap` (to /dev/null: the hook's own cost; full frames, and a 96-byte snap
+# length, to a file in a temporary directory). CPU seconds of each process from /proc. Root; runs in
 # namespaces it creates and removes. Usage: bench/guest.sh [SECONDS] [MTU]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,7 @@ guest_ns() {
 }
 
 # 1. usernet guest + usernet stream [--pcap]
-for pcap in "" "--pcap $dir/cap.pcap" "--pcap $dir/cap.pcap --pcap-snaplen 96"; do
+for pcap in "" "--pcap /dev/null" "--pcap $dir/cap.pcap" "--pcap $dir/cap.pcap --pcap-snaplen 96"; do
     guest_ns
     # shellcheck disable=SC2086
     ip netns exec "$h" "$bin" stream --socket "$dir/s.sock" --mtu "$mtu" --no-dns $pcap 2>"$dir/d.log" &
@@ -60,7 +60,7 @@ for pcap in "" "--pcap $dir/cap.pcap" "--pcap $dir/cap.pcap --pcap-snaplen 96"; 
     ip -n "$g" addr add 192.168.65.3/24 dev gt0; ip -n "$g" route add default via 192.168.65.1
     name="guest helper -> stream${pcap:+ ${pcap//$dir\//}}"
     run "$name" "$dpid" "$gpid"
-    [ -n "$pcap" ] && echo "  pcap file: $(stat -c %s "$dir/cap.pcap") bytes"
+    [ -f "$dir/cap.pcap" ] && echo "  pcap file: $(stat -c %s "$dir/cap.pcap") bytes"
     kill "$gpid" "$dpid"; wait "$gpid" "$dpid" 2>/dev/null || true
     rm -f "$dir/cap.pcap"
 done
