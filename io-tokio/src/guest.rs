@@ -144,6 +144,16 @@ impl Framing {
     }
 }
 
+impl fmt::Display for Framing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The name the command line uses.
+        f.write_str(match self {
+            Framing::Qemu => "qemu",
+            Framing::U16le => "u16le",
+        })
+    }
+}
+
 /// A length prefix outside `MIN_FRAME..=max_frame`: the stream cannot be trusted past it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadLength(pub usize);
@@ -630,7 +640,7 @@ pub async fn serve(args: GuestArgs, stop: impl Future<Output = ()>) -> Result<()
     let max_frame = args.framing.max_frame();
     if args.mtu as usize + 14 > max_frame {
         return Err(format!(
-            "--mtu {} is too large for the {:?} framing (frames of at most {max_frame} bytes)",
+            "--mtu {} is too large for the {} framing (frames of at most {max_frame} bytes)",
             args.mtu, args.framing
         ));
     }
@@ -638,7 +648,7 @@ pub async fn serve(args: GuestArgs, stop: impl Future<Output = ()>) -> Result<()
     configure_link(&args.tap, args.mtu).map_err(|e| e.to_string())?;
     let mut tap = TapTransport::new(fd).map_err(|e| format!("tap {}: {e}", args.tap))?;
     tracing::info!(tap = %args.tap, mtu = args.mtu, endpoint = %args.connect,
-        framing = ?args.framing, "guest helper starting");
+        framing = %args.framing, "guest helper starting");
     let mut opts = GuestOptions::new(args.connect, args.framing);
     opts.backoff_max = Duration::from_millis(args.reconnect_max_ms);
     let stats = run(&mut tap, &opts, stop)
@@ -1055,6 +1065,9 @@ mod tests {
             ("eth1", Framing::U16le, 9000)
         );
         assert_eq!(a.reconnect_max_ms, 2000);
+        for f in [Framing::Qemu, Framing::U16le] {
+            assert_eq!(Framing::from_str(&f.to_string(), false), Ok(f), "{f}");
+        }
         let cli = Cli::try_parse_from(["usernet", "guest", "--connect", "unix:/s", "--tap", "t"])
             .unwrap();
         let Command::Guest(a) = cli.command else {

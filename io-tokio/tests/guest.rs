@@ -365,7 +365,7 @@ fn guest_helper_refuses_bad_options() {
     );
     assert!(!o.status.success());
     assert!(
-        text(&o.stderr).contains("too large for the U16le framing"),
+        text(&o.stderr).contains("too large for the u16le framing"),
         "{}",
         text(&o.stderr)
     );
