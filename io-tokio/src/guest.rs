@@ -902,6 +902,14 @@ mod tests {
             std::env::temp_dir().join(format!("usernet-guest-{}-{framing:?}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // Removed even when an assertion fails.
+        struct RemoveDir(PathBuf);
+        impl Drop for RemoveDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _guard = RemoveDir(dir.clone());
         let path = dir.join("d.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let (inject, inject_rx) = mpsc::unbounded_channel();
@@ -968,7 +976,6 @@ mod tests {
         assert_eq!(stats.bytes_from_daemon, 3 * 42 + 364);
         assert_eq!(stats.dropped_disconnected, 0);
         drop(listener);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
