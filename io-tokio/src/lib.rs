@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod driver;
 pub mod forward;
+pub mod framing;
 pub mod hostnet;
 pub mod netns;
 pub mod ping;
