@@ -206,6 +206,26 @@ impl FrameCodec {
         Some(&self.rx[s + hl..s + hl + len])
     }
 
+    /// The next complete frame, left in place (call [`Self::scan`] first).
+    pub fn peek_frame(&self) -> Option<&[u8]> {
+        if self.start >= self.parsed {
+            return None;
+        }
+        let hl = self.framing.header_len();
+        let s = self.start;
+        let len = self.framing.decode(&self.rx[s..s + hl]) as usize;
+        Some(&self.rx[s + hl..s + hl + len])
+    }
+
+    /// Step past the frame [`Self::peek_frame`] showed.
+    pub fn pop_frame(&mut self) {
+        if self.start < self.parsed {
+            let hl = self.framing.header_len();
+            let len = self.framing.decode(&self.rx[self.start..self.start + hl]) as usize;
+            self.start += hl + len;
+        }
+    }
+
     /// Bytes of an incomplete frame still buffered (for EOF diagnostics).
     pub fn partial(&self) -> usize {
         self.end - self.parsed
@@ -396,8 +416,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Port for FramedPort<S> {
         self.poll_recv_frames(cx)
     }
 
-    fn next_frame(&mut self) -> Option<&[u8]> {
-        self.codec.next_frame()
+    fn peek_frame(&self) -> Option<&[u8]> {
+        self.codec.peek_frame()
+    }
+
+    fn pop_frame(&mut self) {
+        self.codec.pop_frame()
     }
 
     fn send_frame(&mut self, frame: &[u8]) -> bool {

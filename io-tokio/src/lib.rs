@@ -12,6 +12,7 @@ pub mod ping;
 pub mod stream;
 pub mod tap;
 pub mod transport;
+pub mod vswitch;
 
 pub use driver::Driver;
 pub use hostnet::{HostNet, TokioNet};

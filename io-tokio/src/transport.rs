@@ -67,14 +67,19 @@ pub struct GuestInfo {
 /// One guest's frame channel as a port of the switch (object-safe, poll-based).
 ///
 /// The same contract as [`FrameTransport`]: `poll_recv` buffers frames (its progress is
-/// kept inside the port, so stopping to poll loses nothing), `next_frame` hands them out,
-/// `send_frame` queues, `poll_flush` writes.
+/// kept inside the port, so stopping to poll loses nothing), `peek_frame`/`pop_frame`
+/// hand them out (in two steps so that the switch can look at a frame, copy it to other
+/// ports and still hand it to the stack without a copy), `send_frame` queues,
+/// `poll_flush` writes.
 pub trait Port: Send {
     /// Ready with `Ok(true)` when frames are buffered, `Ok(false)` when the guest is gone.
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>>;
 
-    /// The next buffered frame; valid until the next call on the port.
-    fn next_frame(&mut self) -> Option<&[u8]>;
+    /// The next buffered frame, left in place.
+    fn peek_frame(&self) -> Option<&[u8]>;
+
+    /// Done with the frame [`Self::peek_frame`] showed.
+    fn pop_frame(&mut self);
 
     /// Queue a frame for the guest; false if it cannot be carried (size).
     fn send_frame(&mut self, frame: &[u8]) -> bool;
@@ -90,8 +95,11 @@ impl Port for Box<dyn Port> {
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         (**self).poll_recv(cx)
     }
-    fn next_frame(&mut self) -> Option<&[u8]> {
-        (**self).next_frame()
+    fn peek_frame(&self) -> Option<&[u8]> {
+        (**self).peek_frame()
+    }
+    fn pop_frame(&mut self) {
+        (**self).pop_frame()
     }
     fn send_frame(&mut self, frame: &[u8]) -> bool {
         (**self).send_frame(frame)
