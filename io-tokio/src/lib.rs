@@ -7,11 +7,14 @@ pub mod driver;
 pub mod forward;
 pub mod framing;
 pub mod hostnet;
+pub mod listen;
 pub mod netns;
 pub mod ping;
 pub mod stream;
 pub mod tap;
 pub mod transport;
+pub mod unixgram;
+pub mod vmnet;
 pub mod vswitch;
 
 pub use driver::Driver;
