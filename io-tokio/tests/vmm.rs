@@ -1,0 +1,419 @@
+//! VMM transports end to end: the real daemon (`usernet serve --listen ...`) in a
+//! test-created network namespace, test clients written here speaking the VPNKit vmnet
+//! protocol, u16 LE frames and vfkit datagrams over UNIX sockets, several guests on one
+//! switch. The guests' traffic is DHCP with the gateway and frames between guests: it
+//! never leaves the daemon.
+//!
+//! Needs root (network namespaces; skipped otherwise).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Socket paths under /tmp for one test, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new() -> Dir {
+        let d = PathBuf::from(format!("/tmp/{}", unique("usernet-vmm")));
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn wait_for(path: &Path, d: &mut Daemon) {
+    let deadline = Instant::now() + T;
+    while !path.exists() {
+        d.assert_alive();
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A DHCP DISCOVER (`request: None`) or REQUEST from `mac`, as a broadcast frame.
+fn dhcp_frame(mac: [u8; 6], xid: u32, request: Option<Ipv4Addr>) -> Vec<u8> {
+    let mut m = vec![0u8; 236];
+    m[0] = 1;
+    m[1] = 1;
+    m[2] = 6;
+    m[4..8].copy_from_slice(&xid.to_be_bytes());
+    m[10] = 0x80;
+    m[28..34].copy_from_slice(&mac);
+    m.extend_from_slice(&[99, 130, 83, 99]);
+    match request {
+        None => m.extend_from_slice(&[53, 1, 1]),
+        Some(ip) => {
+            m.extend_from_slice(&[53, 1, 3, 50, 4]);
+            m.extend_from_slice(&ip.octets());
+            m.extend_from_slice(&[54, 4, 192, 168, 65, 1]);
+        }
+    }
+    m.push(255);
+    let udp_len = 8 + m.len();
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[16..20].copy_from_slice(&[255; 4]);
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&68u16.to_be_bytes());
+    f.extend_from_slice(&67u16.to_be_bytes());
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&m);
+    f
+}
+
+/// (message type, yiaddr) of a DHCP reply frame for `mac`, or None for other frames.
+fn dhcp_reply(frame: &[u8], mac: [u8; 6], xid: u32) -> Option<(u8, Ipv4Addr)> {
+    if frame.len() < 14 + 20 + 8 + 243 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let udp = &frame[14 + ihl..];
+    if udp.len() < 8 || udp[0..2] != 67u16.to_be_bytes() {
+        return None;
+    }
+    let b = &udp[8..];
+    if b.len() < 243 || b[4..8] != xid.to_be_bytes() || b[28..34] != mac {
+        return None;
+    }
+    // The message type is the first option.
+    if b[240] != 53 {
+        return None;
+    }
+    Some((b[242], Ipv4Addr::new(b[16], b[17], b[18], b[19])))
+}
+
+/// u16 LE framed Ethernet over a UNIX stream.
+struct U16Client {
+    s: UnixStream,
+}
+
+impl U16Client {
+    fn wrap(s: UnixStream) -> U16Client {
+        s.set_read_timeout(Some(T)).unwrap();
+        U16Client { s }
+    }
+    fn send(&mut self, f: &[u8]) {
+        let mut v = (f.len() as u16).to_le_bytes().to_vec();
+        v.extend_from_slice(f);
+        self.s.write_all(&v).unwrap();
+    }
+    fn recv(&mut self) -> Vec<u8> {
+        let mut h = [0u8; 2];
+        self.s.read_exact(&mut h).expect("frame header");
+        let mut f = vec![0u8; usize::from(u16::from_le_bytes(h))];
+        self.s.read_exact(&mut f).expect("frame");
+        f
+    }
+    /// DISCOVER then REQUEST: the address leased to `mac`.
+    fn lease(&mut self, mac: [u8; 6], xid: u32) -> Ipv4Addr {
+        self.send(&dhcp_frame(mac, xid, None));
+        let offered = self.wait_dhcp(mac, xid, 2);
+        self.send(&dhcp_frame(mac, xid, Some(offered)));
+        let acked = self.wait_dhcp(mac, xid, 5);
+        assert_eq!(acked, offered);
+        acked
+    }
+    fn wait_dhcp(&mut self, mac: [u8; 6], xid: u32, kind: u8) -> Ipv4Addr {
+        for _ in 0..100 {
+            let f = self.recv();
+            if let Some((k, ip)) = dhcp_reply(&f, mac, xid) {
+                assert_eq!(k, kind, "DHCP message type");
+                return ip;
+            }
+        }
+        panic!("no DHCP reply of type {kind} in 100 frames");
+    }
+}
+
+const INIT: &[u8; 49] = b"VMN3T\x16\x00\x00\x000123456789012345678901234567890123456789";
+
+/// Connect and run the vmnet handshake for `uuid`: (client, MTU, max packet, MAC).
+fn vmnet_connect(path: &Path, uuid: &str) -> (U16Client, u16, u16, [u8; 6]) {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(INIT).unwrap();
+    let mut init = [0u8; 49];
+    s.read_exact(&mut init).unwrap();
+    assert_eq!(&init, INIT, "the server's init echoes ours");
+    let mut cmd = [0u8; 41];
+    cmd[0] = 1;
+    cmd[1..37].copy_from_slice(uuid.as_bytes());
+    s.write_all(&cmd).unwrap();
+    let mut vif = [0u8; 258];
+    s.read_exact(&mut vif).unwrap();
+    assert_eq!(vif[0], 1, "a Vif answer");
+    let mtu = u16::from_le_bytes([vif[1], vif[2]]);
+    let max = u16::from_le_bytes([vif[3], vif[4]]);
+    let mac: [u8; 6] = vif[5..11].try_into().unwrap();
+    assert!(vif[11..].iter().all(|&b| b == 0));
+    (U16Client::wrap(s), mtu, max, mac)
+}
+
+const UUID_A: &str = "7d5e3c1a-0000-4000-8000-00000000000a";
+const UUID_B: &str = "7d5e3c1a-0000-4000-8000-00000000000b";
+
+#[test]
+fn vmnet_client_gets_a_vif_and_a_lease_and_keeps_them_across_reconnects() {
+    if skip() {
+        return;
+    }
+    let host = Netns::new("unvmm-h");
+    let dir = Dir::new();
+    let sock = dir.path("vpnkit.sock");
+    let listen = format!("unix:{},framing=vmnet", sock.display());
+    let mut d = Daemon::spawn(
+        &host,
+        &["serve".into(), "--no-dns".into(), "--listen".into(), listen],
+    );
+    wait_for(&sock, &mut d);
+
+    // A malformed handshake is refused with a log line; the listener keeps serving.
+    let mut bad = UnixStream::connect(&sock).unwrap();
+    bad.set_read_timeout(Some(T)).unwrap();
+    let mut junk = *INIT;
+    junk[0] = b'X';
+    bad.write_all(&junk).unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(bad.read(&mut buf).unwrap(), 0, "closed without an answer");
+
+    let (mut a, mtu, max, mac_a) = vmnet_connect(&sock, UUID_A);
+    assert_eq!((mtu, max), (1500, 1550));
+    assert_eq!(mac_a[0] & 3, 2, "locally administered unicast");
+    let ip_a = a.lease(mac_a, 0x1111);
+    assert_eq!(ip_a, FIRST_GUEST);
+
+    // Another UUID at the same time: another MAC, another address.
+    let (mut b, _, _, mac_b) = vmnet_connect(&sock, UUID_B);
+    assert_ne!(mac_b, mac_a);
+    let ip_b = b.lease(mac_b, 0x2222);
+    assert_ne!(ip_b, ip_a);
+
+    // A reconnects: same MAC, offered the same address again.
+    drop(a);
+    let (mut a2, _, _, mac_a2) = vmnet_connect(&sock, UUID_A);
+    assert_eq!(mac_a2, mac_a);
+    a2.send(&dhcp_frame(mac_a, 0x3333, None));
+    assert_eq!(a2.wait_dhcp(mac_a, 0x3333, 2), ip_a);
+    // The same UUID in upper case is the same client.
+    drop(a2);
+    let (_, _, _, mac_up) = vmnet_connect(&sock, &UUID_A.to_uppercase());
+    assert_eq!(mac_up, mac_a);
+
+    d.assert_alive();
+    let log = d.log_text();
+    assert!(
+        log.contains("vmnet handshake failed: bad init magic"),
+        "log:\n{log}"
+    );
+}
+
+#[test]
+fn vfkit_datagram_peer_gets_a_lease() {
+    if skip() {
+        return;
+    }
+    let host = Netns::new("unvmm-h");
+    let dir = Dir::new();
+    let sock = dir.path("vfkit.sock");
+    let mut d = Daemon::spawn(
+        &host,
+        &[
+            "serve".into(),
+            "--no-dns".into(),
+            "--listen".into(),
+            format!("unixgram:{}", sock.display()),
+        ],
+    );
+    wait_for(&sock, &mut d);
+    let me = dir.path("vm.sock");
+    let peer = UnixDatagram::bind(&me).unwrap();
+    peer.set_read_timeout(Some(T)).unwrap();
+    peer.send_to(b"VFKT", &sock).unwrap();
+    let mac = [0x02, 0x76, 0x66, 0x6b, 0x74, 0x01];
+    let mut buf = vec![0u8; 65536];
+    let mut lease = None;
+    for (xid, request) in [(0x44u32, None), (0x44, Some(()))] {
+        let req = request.and(lease);
+        peer.send_to(&dhcp_frame(mac, xid, req), &sock).unwrap();
+        let want = if req.is_some() { 5 } else { 2 };
+        let mut got = None;
+        for _ in 0..100 {
+            let n = peer.recv(&mut buf).expect("a datagram from the daemon");
+            if let Some((k, ip)) = dhcp_reply(&buf[..n], mac, xid) {
+                assert_eq!(k, want);
+                got = Some(ip);
+                break;
+            }
+        }
+        lease = Some(got.expect("a DHCP reply"));
+    }
+    assert_eq!(lease, Some(FIRST_GUEST));
+    d.assert_alive();
+}
+
+#[test]
+fn two_guests_on_one_switch_reach_each_other_and_are_counted() {
+    if skip() {
+        return;
+    }
+    let host = Netns::new("unvmm-h");
+    let dir = Dir::new();
+    let sock = dir.path("gv.sock");
+    let qemu = dir.path("qemu.sock");
+    let api = dir.path("api.sock");
+    let mut d = Daemon::spawn(
+        &host,
+        &[
+            "serve".into(),
+            "--no-dns".into(),
+            "--api".into(),
+            api.display().to_string(),
+            "--listen".into(),
+            format!("unix:{},framing=u16le", sock.display()),
+            "--listen".into(),
+            format!("unix:{}", qemu.display()),
+        ],
+    );
+    wait_for(&sock, &mut d);
+    wait_for(&qemu, &mut d);
+    let mac_a = [0x02, 0, 0, 0, 0, 0xa];
+    let mac_b = [0x02, 0, 0, 0, 0, 0xb];
+    let mut a = U16Client::wrap(UnixStream::connect(&sock).unwrap());
+    let ip_a = a.lease(mac_a, 1);
+    // B is a QEMU-framed guest on another listener of the same switch.
+    let mut b = UnixStream::connect(&qemu).unwrap();
+    b.set_read_timeout(Some(T)).unwrap();
+    let send_b = |b: &mut UnixStream, f: &[u8]| {
+        let mut v = (f.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(f);
+        b.write_all(&v).unwrap();
+    };
+    let recv_b = |b: &mut UnixStream| {
+        let mut h = [0u8; 4];
+        b.read_exact(&mut h).unwrap();
+        let mut f = vec![0u8; u32::from_be_bytes(h) as usize];
+        b.read_exact(&mut f).unwrap();
+        f
+    };
+    send_b(&mut b, &dhcp_frame(mac_b, 2, None));
+    let mut ip_b = None;
+    for _ in 0..100 {
+        if let Some((2, ip)) = dhcp_reply(&recv_b(&mut b), mac_b, 2) {
+            ip_b = Some(ip);
+            break;
+        }
+    }
+    let ip_b = ip_b.expect("B's offer");
+    assert_ne!(ip_a, ip_b);
+
+    // A to B, unicast at layer 2 (an arbitrary Ethertype the gateway would not carry),
+    // then B answers: each gets exactly the other's frame, bit for bit.
+    let mut ab = Vec::new();
+    ab.extend_from_slice(&mac_b);
+    ab.extend_from_slice(&mac_a);
+    ab.extend_from_slice(&[0x88, 0xb5]);
+    ab.extend((0..1486).map(|i| i as u8));
+    a.send(&ab);
+    let got = loop {
+        let f = recv_b(&mut b);
+        if f[12..14] == [0x88, 0xb5] {
+            break f;
+        }
+    };
+    assert_eq!(got, ab);
+    let mut ba = ab.clone();
+    ba[..6].copy_from_slice(&mac_a);
+    ba[6..12].copy_from_slice(&mac_b);
+    ba[20] ^= 0xff;
+    send_b(&mut b, &ba);
+    let got = loop {
+        let f = a.recv();
+        if f[12..14] == [0x88, 0xb5] {
+            break f;
+        }
+    };
+    assert_eq!(got, ba);
+
+    // Per-guest counters in `usernet ctl stats`.
+    let out = run_ok(
+        std::process::Command::new(USERNET).args([
+            "ctl",
+            "--api",
+            &api.display().to_string(),
+            "stats",
+        ]),
+        T,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let guests = v["guests"].as_array().expect("a guests list");
+    assert_eq!(guests.len(), 2, "{v}");
+    let ga = &guests[0];
+    assert_eq!(ga["macs"], serde_json::json!(["02:00:00:00:00:0a"]));
+    assert_eq!(ga["ips"], serde_json::json!([ip_a.to_string()]));
+    assert!(ga["label"].as_str().unwrap().starts_with("unix:"));
+    assert_eq!(ga["frames_from_guest"], 3, "{v}");
+    assert!(ga["frames_to_guest"].as_u64().unwrap() >= 3, "{v}");
+    assert!(ga["bytes_from_guest"].as_u64().unwrap() > 1500);
+    let gb = &guests[1];
+    assert_eq!(gb["macs"], serde_json::json!(["02:00:00:00:00:0b"]));
+    assert_eq!(gb["frames_from_guest"], 2, "{v}");
+
+    // B leaves: its port goes, A stays.
+    drop(b);
+    let deadline = Instant::now() + T;
+    loop {
+        let out = run_ok(
+            std::process::Command::new(USERNET).args([
+                "ctl",
+                "--api",
+                &api.display().to_string(),
+                "stats",
+            ]),
+            T,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["guests"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B still on the switch: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.assert_alive();
+}
