@@ -99,6 +99,8 @@ pub struct FrameCodec {
     end: usize,
     tx: Vec<u8>,
     tx_off: usize,
+    /// Complete frames before this offset were shown to [`Self::visit_new`].
+    visited: usize,
 }
 
 impl FrameCodec {
@@ -112,6 +114,7 @@ impl FrameCodec {
             end: 0,
             tx: Vec::new(),
             tx_off: 0,
+            visited: 0,
         }
     }
 
@@ -126,6 +129,20 @@ impl FrameCodec {
         self.end = 0;
         self.tx.clear();
         self.tx_off = 0;
+        self.visited = 0;
+    }
+
+    /// Hand every complete frame not seen before to `f`, which may rewrite it in place
+    /// (same length).
+    pub fn visit_new(&mut self, mut f: impl FnMut(&mut [u8])) {
+        let hl = self.framing.header_len();
+        let mut at = self.visited.max(self.start);
+        while at < self.parsed {
+            let len = self.framing.decode(&self.rx[at..at + hl]) as usize;
+            f(&mut self.rx[at + hl..at + hl + len]);
+            at += hl + len;
+        }
+        self.visited = at;
     }
 
     /// Extend the run of complete frames as far as the buffered bytes allow.
@@ -165,10 +182,12 @@ impl FrameCodec {
             self.start = 0;
             self.parsed = 0;
             self.end = 0;
+            self.visited = 0;
         } else if self.rx.len() - self.end < room && self.start > 0 {
             self.rx.copy_within(self.start..self.end, 0);
             self.parsed -= self.start;
             self.end -= self.start;
+            self.visited = self.visited.saturating_sub(self.start);
             self.start = 0;
         }
         &mut self.rx[self.end..]
@@ -346,6 +365,8 @@ pub struct FramedPort<S> {
     io: S,
     codec: FrameCodec,
     closed: bool,
+    /// Applied to each received frame once (see [`FramedPort::set_fixup`]).
+    fixup: Option<fn(&mut [u8])>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FramedPort<S> {
@@ -358,7 +379,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedPort<S> {
             io,
             codec: FrameCodec::new(framing, rx_size),
             closed: false,
+            fixup: None,
         }
+    }
+
+    /// Rewrite each received frame in place before it is handed out (a peer quirk, such
+    /// as VPNKit clients leaving IPv4 header checksums to an "offload").
+    pub fn set_fixup(&mut self, f: fn(&mut [u8])) {
+        self.fixup = Some(f);
     }
 
     /// A connection whose first bytes (read during a handshake) are already frames.
@@ -388,7 +416,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedPort<S> {
         }
         match poll_fill(&mut self.io, cx, &mut self.codec) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(true)),
+            Poll::Ready(Ok(())) => {
+                if let Some(f) = self.fixup {
+                    self.codec.visit_new(f);
+                }
+                Poll::Ready(Ok(true))
+            }
             Poll::Ready(Err(ReadEnd::Eof)) => {
                 self.closed = true;
                 if self.codec.partial() > 0 {

@@ -290,8 +290,10 @@ where
                     if let Some(ip) = s.preferred_ip {
                         tracing::info!(%ip, "Preferred_ipv4 is not reserved: the client gets its UUID's DHCP lease");
                     }
+                    let mut port = FramedPort::new(io, Framing::U16Le);
+                    port.set_fixup(vmnet::fill_ipv4_checksum);
                     return Some(NewPort {
-                        port: Box::new(FramedPort::new(io, Framing::U16Le)),
+                        port: Box::new(port),
                         label: format!("{label} vmnet:{}", s.uuid),
                     });
                 }

@@ -213,6 +213,31 @@ pub fn disconnect_reply(reason: &str) -> [u8; VIF_LEN] {
     b
 }
 
+/// Fill in the IPv4 header checksum of `frame` if the sender left it zero.
+///
+/// VPNKit's own Go client (used by rootlesskit and vpnkit-expose-port) builds its DHCP
+/// DISCOVER "as if we were using offload", with a zero header checksum; VPNKit takes it.
+/// Ports of vmnet clients apply this to every received frame, emulating the offload;
+/// every other transport keeps rejecting bad checksums.
+pub fn fill_ipv4_checksum(frame: &mut [u8]) {
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return;
+    }
+    let ip = &mut frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl || ip[10..12] != [0, 0] {
+        return;
+    }
+    let mut sum: u32 = ip[..ihl]
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
 /// What a finished handshake established.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
@@ -361,6 +386,38 @@ mod tests {
         let r = Uuid::from_random([0xff; 16]);
         assert_eq!(&r.0, b"ffffffff-ffff-4fff-bfff-ffffffffffff");
         assert!(Uuid::parse(&r.0).unwrap().is_some());
+    }
+
+    #[test]
+    fn zero_ipv4_checksums_are_filled_in_and_others_left_alone() {
+        // Go client's DISCOVER header: checksum 0, src 0.0.0.0, dst broadcast.
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+        f.extend_from_slice(&[
+            0x45, 0, 0, 48, 0x7f, 0x61, 0, 0, 0x40, 0x11, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255,
+        ]);
+        f.resize(14 + 48, 0);
+        fill_ipv4_checksum(&mut f);
+        let sum: u32 = f[14..34]
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        assert_eq!((sum & 0xffff) + (sum >> 16), 0xffff, "valid now");
+        // A wrong (non-zero) checksum stays wrong: the stack counts it.
+        let mut g = f.clone();
+        g[24] ^= 1;
+        let before = g.clone();
+        fill_ipv4_checksum(&mut g);
+        assert_eq!(g, before);
+        // Not IPv4, or too short: untouched.
+        let mut arp = f.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        arp[24..26].copy_from_slice(&[0, 0]);
+        let before = arp.clone();
+        fill_ipv4_checksum(&mut arp);
+        assert_eq!(arp, before);
+        let mut short = f[..30].to_vec();
+        fill_ipv4_checksum(&mut short);
     }
 
     #[tokio::test]
