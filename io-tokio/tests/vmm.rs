@@ -417,3 +417,190 @@ fn two_guests_on_one_switch_reach_each_other_and_are_counted() {
     }
     d.assert_alive();
 }
+
+/// The DHCP DISCOVER of VPNKit's Go client (`go/pkg/vmnet`, vendored by rootlesskit),
+/// byte for byte: xid 1, broadcast flag, and an IPv4 header checksum left at zero "as if
+/// we were using offload".
+fn go_client_discover(mac: [u8; 6]) -> Vec<u8> {
+    let mut bootp = vec![1, 1, 6, 0, 1, 0, 0, 0, 0, 0, 0x80, 0];
+    bootp.extend_from_slice(&[0; 16]);
+    bootp.extend_from_slice(&mac);
+    bootp.extend_from_slice(&[0; 202]);
+    bootp.extend_from_slice(&[0x63, 0x82, 0x53, 0x63, 0x35, 0x01, 0x01, 0xff]);
+    let mut udp = vec![0, 68, 0, 67];
+    udp.extend_from_slice(&((8 + bootp.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&bootp);
+    let len = (20 + udp.len()) as u16;
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0x00]);
+    f.extend_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[
+        0x7f, 0x61, 0, 0, 0x40, 0x11, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255,
+    ]);
+    f.extend_from_slice(&udp);
+    f
+}
+
+/// Copy frames between a TAP (in a test namespace) and a u16 LE framed stream, as
+/// rootlesskit's parent does between its child's TAP and VPNKit, until `stop`.
+fn relay(
+    tap: std::os::fd::OwnedFd,
+    sock: UnixStream,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
+    let tap = std::sync::Arc::new(tap);
+    let mut w = sock.try_clone().unwrap();
+    let (tap_r, stop_r) = (tap.clone(), stop.clone());
+    let up = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while !stop_r.load(Ordering::Relaxed) {
+            let mut p = libc::pollfd {
+                fd: tap_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+                continue;
+            }
+            // SAFETY: reading into our buffer from an open descriptor.
+            let n = unsafe { libc::read(tap_r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                continue;
+            }
+            let n = n as usize;
+            let mut v = (n as u16).to_le_bytes().to_vec();
+            v.extend_from_slice(&buf[..n]);
+            if w.write_all(&v).is_err() {
+                return;
+            }
+        }
+    });
+    let mut r = sock;
+    r.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let down = std::thread::spawn(move || {
+        let mut acc = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(Ordering::Relaxed) {
+            match r.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => acc.extend_from_slice(&buf[..n]),
+                Err(_) => continue,
+            }
+            while acc.len() >= 2 {
+                let len = usize::from(u16::from_le_bytes([acc[0], acc[1]]));
+                if acc.len() < 2 + len {
+                    break;
+                }
+                // SAFETY: writing one frame from our buffer to an open descriptor.
+                unsafe { libc::write(tap.as_raw_fd(), acc[2..].as_ptr().cast(), len) };
+                acc.drain(..2 + len);
+            }
+        }
+    });
+    vec![up, down]
+}
+
+/// VPNKit's command line, as rootlesskit runs it: `vpnkit --ethernet SOCK --mtu 1500`
+/// through a symlink named `vpnkit`, and VPNKit's Go client (rootlesskit's): vmnet
+/// handshake, a DHCP DISCOVER with a zero IP checksum, the offered address on a TAP with
+/// gateway and DNS 192.168.65.1. Then curl reaches a server on the host's loopback
+/// through 192.168.65.2 and a name resolves through 192.168.65.1.
+///
+/// Debian's rootlesskit (1.1.0) is built without its VPNKit driver ("not supported in
+/// this Debian package") and as root needs subuid ranges, so this test plays
+/// rootlesskit's part itself, following its source.
+#[test]
+fn vpnkit_command_line_serves_rootlesskits_client() {
+    if skip() {
+        return;
+    }
+    let host = Netns::new("unvpk-h");
+    let dir = Dir::new();
+    let vpnkit = dir.path("vpnkit");
+    std::os::unix::fs::symlink(USERNET, &vpnkit).unwrap();
+    let sock = dir.path("vpnkit-ethernet.sock");
+    let body = text_body(3000);
+    let listener = host.tcp_listener(16);
+    let port = listener.local_addr().unwrap().port();
+    let server = http_server(listener, body.clone(), 1);
+    let mut d = Daemon::spawn_prog(
+        &host,
+        &vpnkit.display().to_string(),
+        &[
+            "--ethernet".into(),
+            sock.display().to_string(),
+            "--mtu".into(),
+            "1500".into(),
+        ],
+    );
+    wait_for(&sock, &mut d);
+
+    let (mut c, mtu, _, mac) = vmnet_connect(&sock, "3f2504e0-4f89-41d3-9a0c-0305e82c3301");
+    assert_eq!(mtu, 1500);
+    c.send(&go_client_discover(mac));
+    let mut ip = None;
+    for _ in 0..100 {
+        let f = c.recv();
+        if let Some((2, yiaddr)) = dhcp_reply(&f, mac, 0x0100_0000) {
+            ip = Some(yiaddr);
+            break;
+        }
+    }
+    let ip = ip.expect("an offer for the Go client's DISCOVER");
+    assert_eq!(ip, FIRST_GUEST);
+
+    // The child's side: a TAP with the vif's MAC and the offered address.
+    let guest = Netns::new("unvpk-g");
+    let mac_s = mac.map(|b| format!("{b:02x}")).join(":");
+    guest.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    guest.ip(&[
+        "link", "set", "tap0", "address", &mac_s, "mtu", "1500", "up",
+    ]);
+    guest.ip(&["addr", "add", &format!("{ip}/24"), "dev", "tap0"]);
+    guest.ip(&["route", "add", "default", "via", "192.168.65.1"]);
+    let tap = usernet::tap::open_tap(Some(&guest.path()), "tap0").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads = relay(tap, c.s.try_clone().unwrap(), stop.clone());
+
+    let out = run_ok(
+        guest.cmd("curl").args([
+            "-sS",
+            "-m",
+            "20",
+            &format!("http://{HOST_ALIAS}:{port}/vpnkit"),
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.stdout, body);
+    assert_eq!(
+        join_timeout(server, T, "http server"),
+        vec!["GET /vpnkit HTTP/1.1"]
+    );
+    let out = run_ok(
+        guest.cmd("dig").args([
+            "+short",
+            "+time=2",
+            "+tries=3",
+            "@192.168.65.1",
+            "host.usernet.internal",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        HOST_ALIAS.to_string()
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = c.s.shutdown(std::net::Shutdown::Both);
+    for t in threads {
+        join_timeout(t, T, "relay");
+    }
+    d.assert_alive();
+}
