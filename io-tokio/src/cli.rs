@@ -101,7 +101,7 @@ pub enum Command {
         #[arg(long)]
         debug: bool,
         #[command(flatten)]
-        ignored: VpnkitIgnored,
+        ignored: Box<VpnkitIgnored>,
     },
     /// Talk to a running daemon's control API (`--api PATH`): expose and unexpose port
     /// forwards, list them, show DHCP leases and counters.
