@@ -612,6 +612,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn each_frame_is_visited_once_across_compactions() {
+        let mut c = FrameCodec::new(Framing::U16Le, 0);
+        let mut seen = 0usize;
+        let small = [1u8; 14];
+        let big = vec![2u8; Framing::U16Le.max_frame()];
+        let w = wire(Framing::U16Le, &[&small, &big, &small]);
+        let mut off = 0;
+        let mut got = 0;
+        while off < w.len() {
+            off += c.feed(&w[off..(off + 7000).min(w.len())]);
+            if c.scan() == Scan::Ready {
+                c.visit_new(|f| {
+                    seen += 1;
+                    f[0] = 9;
+                });
+                while let Some(f) = c.next_frame() {
+                    assert_eq!(f[0], 9);
+                    got += 1;
+                }
+            }
+        }
+        assert_eq!((seen, got), (3, 3));
+    }
+
     #[tokio::test]
     async fn framed_port_over_a_socket_pair() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -44,6 +44,9 @@ struct Slot {
     label: String,
     /// Frames are buffered in the port.
     readable: bool,
+    /// Written since the last complete flush: the port may still hold bytes of its own
+    /// (stdout's line buffer) even when its queue is empty.
+    dirty: bool,
     /// Since when queued bytes are waiting without any being written.
     blocked_since: Option<tokio::time::Instant>,
 }
@@ -110,6 +113,7 @@ impl VirtualSwitch {
             port: new.port,
             label: new.label,
             readable: false,
+            dirty: false,
             blocked_since: None,
         });
         Some(id)
@@ -173,11 +177,12 @@ impl VirtualSwitch {
         while i < self.slots.len() {
             let slot = &mut self.slots[i];
             let before = slot.port.pending();
-            if before > 0 {
+            if before > 0 || slot.dirty {
                 match slot.port.poll_flush(cx) {
                     Poll::Ready(Ok(())) => {
                         slot.blocked_since = None;
-                        ready = true;
+                        slot.dirty = false;
+                        ready |= before > 0;
                     }
                     Poll::Ready(Err(e)) => {
                         self.remove(i, &format!("write error: {e}"));
@@ -244,6 +249,7 @@ impl VirtualSwitch {
     /// Queue `frame` on slot `j`, unless its queue is over the cap.
     fn queue(core: &mut Switch, slot: &mut Slot, frame: &[u8]) {
         let ok = slot.port.pending() < PORT_TX_CAP && slot.port.send_frame(frame);
+        slot.dirty |= ok;
         core.count_tx(slot.id, frame.len(), ok);
     }
 
@@ -353,14 +359,17 @@ impl FrameTransport for VirtualSwitch {
             let mut i = 0;
             while i < self.slots.len() {
                 let slot = &mut self.slots[i];
-                if slot.port.pending() > 0 {
+                if slot.port.pending() > 0 || slot.dirty {
                     let before = slot.port.pending();
                     match slot.port.poll_flush(cx) {
                         Poll::Ready(Err(e)) => {
                             self.remove(i, &format!("write error: {e}"));
                             continue;
                         }
-                        Poll::Ready(Ok(())) => slot.blocked_since = None,
+                        Poll::Ready(Ok(())) => {
+                            slot.blocked_since = None;
+                            slot.dirty = false;
+                        }
                         Poll::Pending if slot.port.pending() < before => slot.blocked_since = None,
                         Poll::Pending => {}
                     }
@@ -464,6 +473,23 @@ mod tests {
         }
         assert_eq!(read_frame(&mut a).await, uni);
         assert_eq!(to_gw, vec![bc, gw]);
+        // A maximal u16 LE frame (65535 bytes) from B to A, unchanged.
+        let mut max = frame(a_mac, b_mac, 5);
+        max.resize(65535, 6);
+        b.write_all(&u16le(&max)).await.unwrap();
+        let mut reader = tokio::spawn(async move {
+            let f = read_frame(&mut a).await;
+            (f, a)
+        });
+        let (f, a_back) = loop {
+            tokio::select! {
+                r = &mut reader => break r.unwrap(),
+                _ = turn(&mut sw, &mut to_gw) => {}
+            }
+        };
+        assert_eq!(f, max);
+        let mut a = a_back;
+        assert_eq!(to_gw.len(), 2);
         // The stack answers A: only A gets it.
         let reply = frame(a_mac, GW, 4);
         sw.send_frame(&reply).unwrap();
@@ -474,7 +500,7 @@ mod tests {
         assert_eq!(g.len(), 2);
         assert_eq!(g[0].macs, vec![a_mac]);
         assert_eq!(g[0].stats.rx_frames, 2);
-        assert_eq!(g[0].stats.tx_frames, 2);
+        assert_eq!(g[0].stats.tx_frames, 3);
         assert_eq!(g[1].stats.tx_frames, 1);
         // B leaves: its port and address go.
         drop(b);

@@ -604,3 +604,57 @@ fn vpnkit_command_line_serves_rootlesskits_client() {
     }
     d.assert_alive();
 }
+
+/// A VMM that spawns usernet and talks u16 LE frames over its stdin/stdout gets a
+/// lease; closing stdin stops the daemon.
+#[test]
+fn stdio_guest_gets_a_lease_and_eof_stops_the_daemon() {
+    if skip() {
+        return;
+    }
+    let host = Netns::new("unvmm-h");
+    let mut child = host
+        .cmd(USERNET)
+        .args(["serve", "--no-dns", "--listen", "stdio"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mac = [0x02, 0x73, 0x74, 0x64, 0x69, 0x6f];
+    let f = dhcp_frame(mac, 0x55, None);
+    let mut w = (f.len() as u16).to_le_bytes().to_vec();
+    w.extend_from_slice(&f);
+    stdin.write_all(&w).unwrap();
+    // Read on a thread so that a silent daemon fails the test instead of hanging it.
+    let reader = std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(stdout);
+        for _ in 0..100 {
+            let mut h = [0u8; 2];
+            r.read_exact(&mut h).ok()?;
+            let mut f = vec![0u8; usize::from(u16::from_le_bytes(h))];
+            r.read_exact(&mut f).ok()?;
+            if let Some(x) = dhcp_reply(&f, mac, 0x55) {
+                return Some(x);
+            }
+        }
+        None
+    });
+    let got = join_timeout(reader, T, "stdio reader");
+    assert_eq!(got, Some((2, FIRST_GUEST)));
+    drop(stdin);
+    let deadline = Instant::now() + T;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon did not stop when its stdin closed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+}
