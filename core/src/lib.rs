@@ -20,6 +20,7 @@ pub mod dns;
 mod icmp;
 pub mod stack;
 pub mod stats;
+pub mod switch;
 mod tcp;
 mod udp;
 pub mod wire;
@@ -28,6 +29,7 @@ pub use config::{Config, ConfigError, DhcpConfig, IcmpConfig, Subnet, TcpConfig,
 pub use smoltcp::time::{Duration, Instant};
 pub use stack::{ConnectError, FlowId, HostCommand, InboundError, Stack};
 pub use stats::{DropReason, Stats};
+pub use switch::{PortId, Switch, SwitchConfig};
 pub use tcp::TcpFlowInfo;
 
 /// The generator the owner hands in. ChaCha8 is fast and, seeded, fully reproducible.

@@ -11,6 +11,7 @@ use usernet_core::dns::{DnsConfig, DnsMode};
 use usernet_core::{Config, Subnet};
 
 use crate::forward::{parse_publish, Forward, Protocol};
+use crate::listen::ListenSpec;
 
 /// The TAP MTU `usernet guest` sets by default: the daemon's default on VM transports.
 pub const DEFAULT_GUEST_MTU: u32 = DEFAULT_VM_MTU as u32;
@@ -81,6 +82,34 @@ pub enum Command {
     /// carry its frames to a usernet daemon over a UNIX or vsock stream, reconnecting
     /// when the daemon restarts. Addressing is left to the guest's DHCP client.
     Guest(crate::guest::GuestArgs),
+    /// Serve several guests on one virtual switch: every connection on every listener is
+    /// a port; each guest gets its own DHCP lease and guests reach each other at layer 2.
+    Serve {
+        #[command(flatten)]
+        net: NetArgs,
+        /// A listener: unix:PATH[,framing=qemu|u16le|vmnet] (QEMU stream, gvisor-tap-vsock,
+        /// VPNKit/hyperkit; Firecracker and Cloud Hypervisor vsock: PATH is
+        /// `<uds_path>_<port>`), unixgram:PATH (vfkit, libkrun), vsock:PORT[,framing=...]
+        /// (u16le by default) or stdio (u16 LE frames on stdin/stdout). Repeatable.
+        #[arg(long = "listen", required = true, value_name = "SPEC", value_parser = parse_listen)]
+        listen: Vec<ListenSpec>,
+    },
+    /// Behave as VPNKit (also when started as `vpnkit`, e.g. through a symlink): VPNKit's
+    /// flags and defaults (192.168.65.0/24, gateway .1, host .2, guests from .3, MTU
+    /// 1500), the vmnet protocol on --ethernet. Other VPNKit flags are accepted and
+    /// ignored with a log line.
+    Vpnkit {
+        #[command(flatten)]
+        net: NetArgs,
+        /// Path of the vmnet protocol socket (hyperkit, Docker Desktop, rootlesskit).
+        #[arg(long, value_name = "PATH")]
+        ethernet: PathBuf,
+        /// Log at debug level.
+        #[arg(long)]
+        debug: bool,
+        #[command(flatten)]
+        ignored: Box<VpnkitIgnored>,
+    },
     /// Talk to a running daemon's control API (`--api PATH`): expose and unexpose port
     /// forwards, list them, show DHCP leases and counters.
     Ctl {
@@ -90,6 +119,74 @@ pub enum Command {
         #[command(subcommand)]
         action: CtlAction,
     },
+}
+
+/// VPNKit flags usernet accepts and does not act on.
+#[derive(Args, Debug, Clone, Default)]
+pub struct VpnkitIgnored {
+    #[arg(long, hide = true)]
+    pub port: Vec<String>,
+    #[arg(long, hide = true)]
+    pub diagnostics: Option<String>,
+    #[arg(long, hide = true)]
+    pub vsock_path: Option<String>,
+    #[arg(long, hide = true)]
+    pub host_names: Option<String>,
+    #[arg(long, hide = true)]
+    pub gateway_names: Option<String>,
+    #[arg(long, hide = true)]
+    pub vm_names: Option<String>,
+    #[arg(long, hide = true)]
+    pub dns_path: Option<String>,
+    #[arg(long, hide = true)]
+    pub http: Option<String>,
+    #[arg(long, hide = true)]
+    pub gc_compact_interval: Option<String>,
+    #[arg(long, hide = true)]
+    pub max_connections: Option<String>,
+    #[arg(long, hide = true)]
+    pub log_destination: Option<String>,
+}
+
+impl VpnkitIgnored {
+    /// `--flag value` of every ignored flag given, for the log.
+    pub fn given(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.port.iter().map(|p| format!("--port {p}")).collect();
+        for (name, val) in [
+            ("--diagnostics", &self.diagnostics),
+            ("--vsock-path", &self.vsock_path),
+            ("--host-names", &self.host_names),
+            ("--gateway-names", &self.gateway_names),
+            ("--vm-names", &self.vm_names),
+            ("--dns-path", &self.dns_path),
+            ("--http", &self.http),
+            ("--gc-compact-interval", &self.gc_compact_interval),
+            ("--max-connections", &self.max_connections),
+            ("--log-destination", &self.log_destination),
+        ] {
+            if let Some(x) = val {
+                v.push(format!("{name} {x}"));
+            }
+        }
+        v
+    }
+}
+
+fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+    s.parse()
+}
+
+/// The arguments as clap should see them: started as `vpnkit` (a symlink named so),
+/// usernet runs its `vpnkit` subcommand.
+pub fn vpnkit_argv(mut args: Vec<OsString>) -> Vec<OsString> {
+    let invoked_as_vpnkit = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "vpnkit" || n == "vpnkit.exe");
+    if invoked_as_vpnkit {
+        args.insert(1, "vpnkit".into());
+    }
+    args
 }
 
 /// What `usernet ctl` asks.
@@ -394,16 +491,23 @@ impl Command {
     /// The network options of a transport (`None` for `ctl`).
     pub fn net(&self) -> Option<&NetArgs> {
         match self {
-            Command::Run { net, .. } | Command::Tap { net, .. } | Command::Stream { net, .. } => {
-                Some(net)
-            }
+            Command::Run { net, .. }
+            | Command::Tap { net, .. }
+            | Command::Stream { net, .. }
+            | Command::Serve { net, .. }
+            | Command::Vpnkit { net, .. } => Some(net),
             Command::Ctl { .. } | Command::Guest(_) => None,
         }
     }
     pub fn default_mtu(&self) -> u16 {
         match self {
             Command::Run { .. } | Command::Tap { .. } | Command::Ctl { .. } => DEFAULT_TAP_MTU,
-            Command::Stream { .. } | Command::Guest(_) => DEFAULT_VM_MTU,
+            Command::Stream { .. }
+            | Command::Serve { .. }
+            | Command::Vpnkit { .. }
+            | Command::Guest(_) => {
+                DEFAULT_VM_MTU
+            }
         }
     }
 }
@@ -480,6 +584,84 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn started_as_vpnkit_takes_vpnkits_flags_and_defaults() {
+        let argv = vpnkit_argv(
+            [
+                "/usr/local/bin/vpnkit",
+                "--ethernet",
+                "/run/x/vpnkit-ethernet.sock",
+                "--mtu",
+                "1500",
+                "--host-ip",
+                "0.0.0.0",
+                "--port",
+                "/tmp/port.sock",
+                "--diagnostics",
+                "/tmp/diag.sock",
+                "--debug",
+            ]
+            .map(OsString::from)
+            .to_vec(),
+        );
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Vpnkit {
+            net,
+            ethernet,
+            debug,
+            ignored,
+        } = &cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(ethernet, &PathBuf::from("/run/x/vpnkit-ethernet.sock"));
+        assert!(debug);
+        assert_eq!(
+            ignored.given(),
+            vec!["--port /tmp/port.sock", "--diagnostics /tmp/diag.sock"]
+        );
+        let c = net.config(cli.command.default_mtu()).unwrap();
+        assert_eq!(c.subnet.to_string(), "192.168.65.0/24");
+        assert_eq!(c.gateway, Ipv4Addr::new(192, 168, 65, 1));
+        assert_eq!(
+            c.host_alias, None,
+            "--host-ip 0.0.0.0 disables the host alias"
+        );
+        assert_eq!(c.first_guest, Ipv4Addr::new(192, 168, 65, 3));
+        assert_eq!(c.mtu, 1500);
+        // Without the host-ip flag, the host is .2; `usernet vpnkit` works as well.
+        let cli = Cli::try_parse_from(["usernet", "vpnkit", "--ethernet", "/e"]).unwrap();
+        let c = cli.command.net().unwrap().config(1500).unwrap();
+        assert_eq!(c.host_alias, Some(Ipv4Addr::new(192, 168, 65, 2)));
+        // Another name is not vpnkit.
+        let argv = vpnkit_argv(vec!["usernet".into(), "serve".into()]);
+        assert_eq!(argv.len(), 2);
+    }
+
+    #[test]
+    fn serve_takes_several_listeners() {
+        let cli = Cli::try_parse_from([
+            "usernet",
+            "serve",
+            "--listen",
+            "unix:/tmp/q.sock",
+            "--listen",
+            "unix:/tmp/v.sock,framing=vmnet",
+            "--listen",
+            "unixgram:/tmp/g.sock",
+            "--listen",
+            "vsock:1024",
+        ])
+        .unwrap();
+        let Command::Serve { listen, .. } = &cli.command else {
+            panic!()
+        };
+        assert_eq!(listen.len(), 4);
+        assert!(Cli::try_parse_from(["usernet", "serve"]).is_err());
+        let e = Cli::try_parse_from(["usernet", "serve", "--listen", "tcp:1"]).unwrap_err();
+        assert!(e.to_string().contains("unknown kind"), "{e}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use usernet_core::{ConnectError, FlowId, HostCommand, Instant, Stack};
 use crate::api::{Control, Reply, Request};
 use crate::forward::{Forward, Protocol, Remote};
 use crate::hostnet::{BoxFuture, HostListener, HostNet, HostPing, HostUdp};
-use crate::transport::FrameTransport;
+use crate::transport::{FrameTransport, GuestInfo};
 
 /// Bytes queued towards the guest before the loop stops draining the core and flushes.
 const TX_HIGH_WATER: usize = 256 * 1024;
@@ -495,7 +495,7 @@ impl<N: HostNet> Driver<N> {
                     None => Poll::Pending,
                 }), if self.control.is_some() => match req {
                     Some((req, reply)) => {
-                        let r = self.control_request(stack, req).await;
+                        let r = self.control_request(stack, req, transport.guests()).await;
                         let _ = reply.send(r);
                     }
                     None => self.control = None,
@@ -509,7 +509,7 @@ impl<N: HostNet> Driver<N> {
                 }
             }
             if let Some(Ok((req, reply))) = self.control.as_mut().map(|rx| rx.try_recv()) {
-                let r = self.control_request(stack, req).await;
+                let r = self.control_request(stack, req, transport.guests()).await;
                 let _ = reply.send(r);
             }
             self.service_ready(stack);
@@ -539,10 +539,11 @@ impl<N: HostNet> Driver<N> {
             if self.service_ready_now(stack) {
                 did = true;
             }
-            while transport.pending() < TX_HIGH_WATER {
-                let Some(frame) = stack.peek_frame() else {
+            while let Some(frame) = stack.peek_frame() {
+                // Only the queue this frame goes to holds the core back.
+                if transport.pending_for(frame) >= TX_HIGH_WATER {
                     break;
-                };
+                }
                 if let Some(p) = &self.pcap {
                     p.record(frame);
                 }
@@ -979,7 +980,12 @@ impl<N: HostNet> Driver<N> {
     }
 
     /// Answer one control API request.
-    async fn control_request(&mut self, stack: &mut Stack, req: Request) -> Reply {
+    async fn control_request(
+        &mut self,
+        stack: &mut Stack,
+        req: Request,
+        guests: Vec<GuestInfo>,
+    ) -> Reply {
         match req {
             Request::List => Reply::Ok(serde_json::Value::Array(
                 self.list()
@@ -1019,7 +1025,11 @@ impl<N: HostNet> Driver<N> {
                 }
                 Reply::Ok(serde_json::Value::Object(m))
             }
-            Request::Stats => Reply::Ok(self.stats_json(stack)),
+            Request::Stats => {
+                let mut v = self.stats_json(stack);
+                v["guests"] = guests_json(stack, &guests);
+                Reply::Ok(v)
+            }
         }
     }
 
@@ -1217,6 +1227,41 @@ impl<N: HostNet> Driver<N> {
             }
         });
     }
+}
+
+/// Per-guest counters for `/stats`: each switch port with its addresses and leases.
+fn guests_json(stack: &Stack, guests: &[GuestInfo]) -> serde_json::Value {
+    let mac_str = |m: &[u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    serde_json::Value::Array(
+        guests
+            .iter()
+            .map(|g| {
+                let ips: Vec<String> = stack
+                    .leases()
+                    .filter(|(mac, _)| g.macs.contains(mac))
+                    .map(|(_, ip)| ip.to_string())
+                    .collect();
+                let s = &g.stats;
+                serde_json::json!({
+                    "port": g.port,
+                    "label": g.label,
+                    "macs": g.macs.iter().map(mac_str).collect::<Vec<_>>(),
+                    "ips": ips,
+                    "frames_from_guest": s.rx_frames,
+                    "bytes_from_guest": s.rx_bytes,
+                    "dropped_from_guest": s.rx_dropped,
+                    "frames_to_guest": s.tx_frames,
+                    "bytes_to_guest": s.tx_bytes,
+                    "dropped_to_guest": s.tx_dropped,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// The guest address a forward's connection or datagram goes to now.

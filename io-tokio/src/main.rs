@@ -8,10 +8,13 @@ use rand_chacha::rand_core::SeedableRng;
 use usernet::api;
 use usernet::cli::{Cli, CliError, Command, CtlAction, NetArgs};
 use usernet::driver::ForwardLimits;
+use usernet::listen::{ListenOptions, ListenSpec, StreamFraming};
 use usernet::netns::{spawn_in_new_netns, NetnsSetup};
 use usernet::stream::{self, StreamTransport};
 use usernet::tap::{open_tap, TapTransport};
+use usernet::vswitch::VirtualSwitch;
 use usernet::{Driver, FrameTransport, TokioNet};
+use usernet_core::SwitchConfig;
 use usernet_core::{Config, Rng, Stack};
 
 fn main() -> ExitCode {
@@ -23,11 +26,15 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(usernet::cli::vpnkit_argv(std::env::args_os().collect()));
     if let Command::Ctl { api, action } = &cli.command {
         return ctl(api, action);
     }
-    let default_level = match cli.verbose {
+    let verbose = match &cli.command {
+        Command::Vpnkit { debug: true, .. } => cli.verbose.max(1),
+        _ => cli.verbose,
+    };
+    let default_level = match verbose {
         // `run` is a wrapper around a command: it stays quiet unless something is wrong.
         0 if matches!(cli.command, Command::Run { .. }) => "warn",
         0 => "info",
@@ -217,6 +224,30 @@ async fn serve_transport<T: FrameTransport>(
     r.map_err(|e| CliError(format!("guest link failed: {e}")))
 }
 
+/// Every listener's connections as ports of one virtual switch.
+async fn serve_switch(
+    net: &NetArgs,
+    config: Config,
+    seed: u64,
+    listen: &[ListenSpec],
+) -> Result<(), CliError> {
+    let (ports, mut switch) = VirtualSwitch::channel(SwitchConfig::new(config.gateway_mac));
+    let opts = ListenOptions {
+        backlog: net.listen_backlog,
+        mtu: config.mtu,
+    };
+    for spec in listen {
+        usernet::listen::start(spec, opts, ports.clone())
+            .await
+            .map_err(|e| CliError(format!("--listen {spec}: {e}")))?;
+    }
+    // The listener tasks hold their senders: the switch ends when they are all gone
+    // and no guest is left (a lone stdio guest closing its end stops the daemon).
+    drop(ports);
+    let (driver, _api) = new_driver(net, None).await?;
+    serve_transport(driver, config, seed, &mut switch, terminated()).await
+}
+
 async fn serve(command: Command) -> Result<ExitCode, CliError> {
     if let Command::Guest(args) = command {
         usernet::guest::serve(args, terminated())
@@ -253,6 +284,23 @@ async fn serve(command: Command) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl { .. } | Command::Guest(_) => Err(CliError("not a daemon subcommand".into())),
+        Command::Serve { listen, .. } => {
+            serve_switch(&net, config, seed, &listen).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vpnkit {
+            ethernet, ignored, ..
+        } => {
+            for flag in ignored.given() {
+                tracing::info!("vpnkit compatibility: ignoring {flag}");
+            }
+            let spec = ListenSpec::Unix {
+                path: ethernet,
+                framing: StreamFraming::Vmnet,
+            };
+            serve_switch(&net, config, seed, &[spec]).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             tap,
             no_configure,

@@ -670,3 +670,24 @@ pub fn assert_all_echoed(
         &failures[..failures.len().min(10)]
     );
 }
+
+impl Daemon {
+    /// [`Daemon::spawn`] of another program (a symlink to usernet named `vpnkit`, say).
+    pub fn spawn_prog(host: &Netns, prog: &str, args: &[String]) -> Daemon {
+        raise_nofile();
+        let log = PathBuf::from(format!("/tmp/{}.log", unique("usernet-e2e")));
+        let f = File::create(&log).unwrap();
+        let mut c = host.cmd(prog);
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        let child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {c:?}: {e}"));
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+}
