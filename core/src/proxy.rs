@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod connect;
+pub(crate) mod flow;
 pub mod http;
 pub mod sni;
 
