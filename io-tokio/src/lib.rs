@@ -8,6 +8,7 @@ pub mod forward;
 pub mod hostnet;
 pub mod netns;
 pub mod ping;
+pub mod proxy;
 pub mod stream;
 pub mod tap;
 pub mod transport;
