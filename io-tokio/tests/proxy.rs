@@ -406,3 +406,178 @@ fn http_and_https_through_the_upstream_proxy() {
     assert_eq!(v["active"], true);
     assert_eq!(v["no_proxy"], "direct.e2e.test");
 }
+
+/// `curl -w '%{http_code}'`: the status, or 0 when there was none.
+fn status(tb: &Testbed, args: &[&str]) -> u16 {
+    let mut a = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    a.extend_from_slice(args);
+    text(&curl(tb, &a).stdout).trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn proxy_credentials_required_then_supplied_at_run_time() {
+    if skip() || !have_tools() {
+        return;
+    }
+    let world = World::new(true);
+    let api = api_path();
+    let conf = world.files.dir.join("proxy.toml");
+    std::fs::write(&conf, format!("http_proxy = \"{}\"\n", world.proxy_url(""))).unwrap();
+    let tb = testbed(
+        &world,
+        &api,
+        &["--proxy-config".into(), conf.display().to_string()],
+    );
+    // Without credentials the upstream's 407 reaches the guest as it is.
+    assert_eq!(
+        status(&tb, &["--resolve", RESOLVE_WEB, "http://web.e2e.test/a"]),
+        407
+    );
+    // New settings through the control API (a JSON file): credentials, percent-encoded.
+    let json = world.files.dir.join("proxy.json");
+    std::fs::write(
+        &json,
+        format!(
+            r#"{{"http_proxy": "{}"}}"#,
+            world.proxy_url("user:s3cr%65t@")
+        ),
+    )
+    .unwrap();
+    let o = run_ok(
+        Command::new(USERNET)
+            .arg("ctl")
+            .arg("--api")
+            .arg(&api)
+            .arg("proxy")
+            .arg(&json),
+        SHORT,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["http_proxy"].as_str().unwrap().contains("user:***@"),
+        "the password is not shown: {v}"
+    );
+    let got = curl_ok(&tb, &["--resolve", RESOLVE_WEB, "http://web.e2e.test/b"]);
+    assert_eq!(got, "hello /b host=web.e2e.test");
+    // A bad request to the API is refused whole.
+    let bad = world.files.dir.join("bad.json");
+    std::fs::write(&bad, r#"{"http_proxy": "ftp://x"}"#).unwrap();
+    let o = run_cmd(
+        Command::new(USERNET)
+            .arg("ctl")
+            .arg("--api")
+            .arg(&api)
+            .arg("proxy")
+            .arg(&bad),
+        SHORT,
+    );
+    assert!(!o.status.success());
+    // The file changes: re-read (the check runs at most once a second, on guest traffic).
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(
+        &conf,
+        format!("http_proxy = \"{}\"\n", world.proxy_url("user:wrong@")),
+    )
+    .unwrap();
+    let deadline = Instant::now() + SHORT;
+    loop {
+        let s = status(&tb, &["--resolve", RESOLVE_WEB, "http://web.e2e.test/c"]);
+        // tinyproxy answers wrong credentials with 401.
+        if s == 407 || s == 401 {
+            break;
+        }
+        assert_eq!(s, 200);
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was not re-read"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn upstream_down_gives_502_and_https_a_closed_connection() {
+    if skip() || !have_tools() {
+        return;
+    }
+    let world = World::new(false);
+    let api = api_path();
+    let down = format!("http://127.0.0.1:{}", world.host.closed_port());
+    let tb = testbed(
+        &world,
+        &api,
+        &[
+            "--http-proxy".into(),
+            down.clone(),
+            "--https-proxy".into(),
+            down,
+        ],
+    );
+    let o = curl(
+        &tb,
+        &["-i", "--resolve", RESOLVE_WEB, "http://web.e2e.test/"],
+    );
+    let out = text(&o.stdout);
+    assert!(out.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{out}");
+    assert!(out.contains("usernet proxy: connection refused"), "{out}");
+    let o = curl(
+        &tb,
+        &["-k", "--resolve", RESOLVE_TLS, "https://tls.e2e.test/"],
+    );
+    assert!(!o.status.success(), "TLS fails: {}", text(&o.stderr));
+    // A malformed request gets 400 without any connect.
+    let o = curl(&tb, &["-i", "-H", "Host: a b", "http://10.99.0.1/"]);
+    assert!(text(&o.stdout).starts_with("HTTP/1.1 400 Bad Request"));
+    let s = stats(&api);
+    let e = &s["core"]["proxy"]["errors"];
+    assert_eq!(e["upstream_failed"], 2, "{e}");
+    assert_eq!(e["bad_requests"], 1, "{e}");
+}
+
+#[test]
+fn explicit_proxy_on_the_gateway_goes_direct_without_an_upstream() {
+    if skip() || !have_tools() {
+        return;
+    }
+    let world = World::new(false);
+    let api = api_path();
+    let tb = testbed(
+        &world,
+        &api,
+        &["--proxy-explicit-port".into(), "3128".into()],
+    );
+    // Names are looked up by the daemon (in its namespace's hosts file).
+    let got = curl_ok(
+        &tb,
+        &[
+            "--noproxy",
+            "",
+            "-x",
+            "http://192.168.65.1:3128",
+            "http://web.e2e.test/explicit",
+        ],
+    );
+    assert_eq!(got, "hello /explicit host=web.e2e.test");
+    let got = curl_ok(
+        &tb,
+        &[
+            "--noproxy",
+            "",
+            "-k",
+            "-x",
+            "http://192.168.65.1:3128",
+            "https://tls.e2e.test/tunnel",
+        ],
+    );
+    assert_eq!(got, "hello /tunnel host=tls.e2e.test");
+    // Transparent interception is off without an upstream: port 80 goes direct.
+    let got = curl_ok(
+        &tb,
+        &["--resolve", RESOLVE_WEB, "http://web.e2e.test/plain"],
+    );
+    assert_eq!(got, "hello /plain host=web.e2e.test");
+    assert_eq!(world.proxy_log().matches("Request (file").count(), 0);
+    let p = &stats(&api)["core"]["proxy"];
+    assert_eq!(p["explicit"], 2, "{p}");
+    assert_eq!(p["resolves"], 2, "{p}");
+}
