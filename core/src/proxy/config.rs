@@ -274,18 +274,19 @@ impl ExcludeRule {
                 subdomains_only,
             } => {
                 let Some(h) = host else { return false };
-                let h = h.trim_end_matches('.');
+                // Bytes, not chars: a hostile name may hold any UTF-8.
+                let h = h.trim_end_matches('.').as_bytes();
                 if h.len() < name.len() {
                     return false;
                 }
                 let (head, tail) = h.split_at(h.len() - name.len());
-                if !tail.eq_ignore_ascii_case(name) {
+                if !tail.eq_ignore_ascii_case(name.as_bytes()) {
                     return false;
                 }
                 if head.is_empty() {
                     !subdomains_only
                 } else {
-                    head.ends_with('.')
+                    head.ends_with(b".")
                 }
             }
             ExcludeRule::Net { addr, prefix } => {
@@ -422,6 +423,9 @@ mod tests {
         assert!(excluded("example.com", Some("WWW.Example.COM."), None));
         assert!(!excluded("example.com", Some("notexample.com"), None));
         assert!(!excluded("example.com", Some("example.com.evil"), None));
+        // Found by the fuzzer: a name with multi-byte characters.
+        assert!(!excluded("z", Some("zzNߑ"), None));
+        assert!(excluded("z", Some("ߑ.z"), None));
         // `.domain` and `*.domain`: names under it only.
         for l in [".example.com", "*.example.com"] {
             assert!(excluded(l, Some("a.b.example.com"), None));
