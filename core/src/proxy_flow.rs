@@ -865,6 +865,14 @@ impl Stack {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
+            // A connect that timed out counts as any failed connect; a CONNECT reply
+            // that did not come only as the proxy's own error.
+            if matches!(
+                self.proxy_mut(id).map(|p| p.stage),
+                Some(Stage::Connecting { .. })
+            ) {
+                self.stats.tcp_connects_failed += 1;
+            }
             self.proxy_upstream_failed(id, true, "the upstream did not answer in time");
         }
     }
