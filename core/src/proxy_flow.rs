@@ -404,9 +404,9 @@ impl Stack {
         match ip {
             Some(IpAddr::V4(v4)) => {
                 let to = SocketAddr::new(self.host_target(v4), port);
-                self.proxy_connect(id, to, after);
+                self.proxy_connect_named(id, to, after);
             }
-            Some(ip) => self.proxy_connect(id, SocketAddr::new(ip, port), after),
+            Some(ip) => self.proxy_connect_named(id, SocketAddr::new(ip, port), after),
             None => {
                 let Some(p) = self.proxy_mut(id) else { return };
                 p.stage = Stage::Resolving { port, after };
@@ -419,6 +419,22 @@ impl Stack {
                 });
             }
         }
+    }
+
+    /// Connect the explicit proxy to an address it was given by name or literal. The
+    /// host's own loopback is reachable only when the host alias is (the explicit proxy
+    /// must not open what `--host-ip 0.0.0.0` closed).
+    fn proxy_connect_named(&mut self, id: FlowId, to: SocketAddr, after: After) {
+        let ip = match to.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            ip => ip,
+        };
+        if (ip.is_loopback() || ip.is_unspecified()) && self.config.host_alias.is_none() {
+            self.stats.proxy.forbidden += 1;
+            self.proxy_fail(id, Some((403, "the host's loopback is not reachable")));
+            return;
+        }
+        self.proxy_connect(id, to, after);
     }
 
     fn proxy_connect(&mut self, id: FlowId, to: SocketAddr, after: After) {
@@ -537,7 +553,11 @@ impl Stack {
             }
         }
         s.close();
-        let had_host = !matches!(p.stage, Stage::Sniff | Stage::Failed);
+        // A host connect runs or ran (nothing for the driver to forget otherwise).
+        let had_host = !matches!(
+            p.stage,
+            Stage::Sniff | Stage::Resolving { .. } | Stage::Failed
+        );
         p.stage = Stage::Failed;
         p.out = Vec::new();
         p.sent = 0;
@@ -757,7 +777,7 @@ impl Stack {
                     IpAddr::V4(v4) => self.host_target(v4),
                     ip => ip,
                 };
-                self.proxy_connect(id, SocketAddr::new(ip, port), after);
+                self.proxy_connect_named(id, SocketAddr::new(ip, port), after);
             }
             None => {
                 self.stats.proxy.resolve_failed += 1;

@@ -502,6 +502,34 @@ fn explicit_proxy_without_upstream_resolves_and_connects_directly() {
     let (got, _) = guest_reads(&mut s, 9, &mut c);
     assert_eq!(status_line(&got), "HTTP/1.1 400 Bad Request");
     assert_eq!(s.stats().proxy.explicit, 4);
+    // Without the host alias, the host's loopback stays out of reach, by name or literal.
+    let mut s = Stack::new(
+        Config {
+            host_alias: None,
+            ..Config::default()
+        },
+        Rng::seed_from_u64(7),
+        t(0),
+    )
+    .unwrap();
+    s.set_proxy(Some(ProxyConfig::default()));
+    let (_, mut c) = open(&mut s, 0, explicit());
+    guest_sends(&mut s, 1, &mut c, b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n");
+    let (got, _) = guest_reads(&mut s, 1, &mut c);
+    assert_eq!(status_line(&got), "HTTP/1.1 403 Forbidden");
+    let (_, mut c) = open(&mut s, 2, explicit());
+    guest_sends(
+        &mut s,
+        2,
+        &mut c,
+        b"GET http://localhost/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
+    let r = s.poll_resolve().unwrap();
+    s.dns_resolved(t(3), r.req, Ok(vec!["::1".parse().unwrap()]));
+    let (got, _) = guest_reads(&mut s, 3, &mut c);
+    assert_eq!(status_line(&got), "HTTP/1.1 403 Forbidden");
+    assert_eq!(drain_cmds(&mut s), vec![]);
+    assert_eq!(s.stats().proxy.forbidden, 2);
 }
 
 #[test]

@@ -1229,6 +1229,7 @@ impl<N: HostNet> Driver<N> {
                         "connect_refused": s.proxy.connect_refused,
                         "bad_bodies": s.proxy.bad_bodies,
                         "resolve_failed": s.proxy.resolve_failed,
+                        "forbidden": s.proxy.forbidden,
                     },
                 },
             },
