@@ -578,3 +578,56 @@ fn explicit_proxy_forwards_to_the_upstream_with_credentials() {
         matches!(drain_cmds(&mut s)[..], [Cmd::Connect(_, dst)] if dst == SocketAddr::V4(web()))
     );
 }
+
+#[test]
+fn expect_continue_and_explicit_connect_through_the_upstream() {
+    let mut s = proxied_stack("");
+    let (flow, mut c) = open(&mut s, 0, web());
+    // The head goes first; the body follows the upstream's 100 Continue, framed by its
+    // Content-Length; the next request is parsed after it.
+    guest_sends(
+        &mut s,
+        1,
+        &mut c,
+        b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    );
+    s.tcp_connected(t(2), flow);
+    s.poll(t(2));
+    assert!(text(&host_reads(&mut s, flow)).starts_with("POST http://h/u HTTP/1.1\r\n"));
+    host_writes(&mut s, flow, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let (got, _) = guest_reads(&mut s, 3, &mut c);
+    assert_eq!(got, b"HTTP/1.1 100 Continue\r\n\r\n");
+    guest_sends(
+        &mut s,
+        4,
+        &mut c,
+        b"dataHEAD /h HTTP/1.1\r\nHost: h\r\n\r\n",
+    );
+    assert_eq!(
+        text(&host_reads(&mut s, flow)),
+        format!("dataHEAD http://h/h HTTP/1.1\r\nHost: h\r\nProxy-Authorization: {AUTH}\r\n\r\n")
+    );
+    // The explicit proxy forwards a CONNECT with our credentials and passes the
+    // upstream's answer on as it is.
+    let (flow, mut c) = open(&mut s, 5, explicit());
+    let cmds = guest_sends(
+        &mut s,
+        5,
+        &mut c,
+        b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nProxy-Authorization: guest\r\n\r\n",
+    );
+    assert_eq!(cmds, vec![Cmd::Connect(flow, UPSTREAM.parse().unwrap())]);
+    s.tcp_connected(t(6), flow);
+    s.poll(t(6));
+    assert_eq!(
+        text(&host_reads(&mut s, flow)),
+        format!("CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nProxy-Authorization: {AUTH}\r\n\r\n")
+    );
+    host_writes(
+        &mut s,
+        flow,
+        b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n",
+    );
+    let (got, _) = guest_reads(&mut s, 7, &mut c);
+    assert_eq!(got, b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n");
+}
