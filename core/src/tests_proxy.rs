@@ -631,3 +631,52 @@ fn expect_continue_and_explicit_connect_through_the_upstream() {
     let (got, _) = guest_reads(&mut s, 7, &mut c);
     assert_eq!(got, b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n");
 }
+
+#[test]
+fn every_split_of_a_pipelined_stream_gives_the_same_upstream_bytes() {
+    let stream: &[u8] = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n\
+POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\nabcd\r\n0\r\nT: 1\r\n\r\n\
+PUT /c HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nxyz\
+GET /d HTTP/1.0\r\nHost: h\r\n\r\n";
+    let auth = format!("Proxy-Authorization: {AUTH}\r\n");
+    let expected = format!(
+        "GET http://h/a HTTP/1.1\r\nHost: h\r\n{auth}\r\n\
+POST http://h/b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n{auth}\r\n4;x=y\r\nabcd\r\n0\r\nT: 1\r\n\r\n\
+PUT http://h/c HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n{auth}\r\nxyz\
+GET http://h/d HTTP/1.0\r\nHost: h\r\n{auth}\r\n"
+    );
+    for split in 1..stream.len() {
+        let mut s = proxied_stack("");
+        let (flow, mut c) = open(&mut s, 0, web());
+        // The connect starts once the first head is whole.
+        let mut connected = false;
+        let mut connect = |s: &mut Stack, cmds: Vec<Cmd>| {
+            if cmds.contains(&Cmd::Connect(flow, UPSTREAM.parse().unwrap())) {
+                assert!(!connected);
+                connected = true;
+                s.tcp_connected(t(1), flow);
+                s.poll(t(1));
+            }
+        };
+        let cmds = guest_sends(&mut s, 1, &mut c, &stream[..split]);
+        connect(&mut s, cmds);
+        // The host takes bytes a few at a time.
+        let mut got = Vec::new();
+        let mut take = |s: &mut Stack| {
+            for _ in 0..1000 {
+                let d = s.tcp_to_host(flow);
+                if d.is_empty() {
+                    break;
+                }
+                let n = d.len().min(7);
+                got.extend_from_slice(&d[..n]);
+                s.tcp_consume_to_host(flow, n);
+            }
+        };
+        take(&mut s);
+        let cmds = guest_sends(&mut s, 2, &mut c, &stream[split..]);
+        connect(&mut s, cmds);
+        take(&mut s);
+        assert_eq!(text(&got), expected, "split at {split}");
+    }
+}
