@@ -50,6 +50,8 @@ pub struct ProxyStats {
     pub connect_refused: u64,
     pub bad_bodies: u64,
     pub resolve_failed: u64,
+    /// TLS connections silent past the sniff timeout, tunnelled by address.
+    pub sniff_timeouts: u64,
     /// Explicit-proxy requests for the host's loopback while the host alias is off.
     pub forbidden: u64,
 }

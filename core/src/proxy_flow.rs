@@ -28,6 +28,10 @@ use crate::proxy::{ProxyConfig, Upstream};
 /// counts its ids up from 1).
 pub(super) const PROXY_RESOLVE: u64 = 1 << 63;
 
+/// A TLS client sends its ClientHello at once; one silent this long after connecting is
+/// taken for a protocol whose server speaks first, and tunnelled by address.
+const TLS_SNIFF_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(5);
+
 /// Smallest and largest head limit a configuration may set.
 const HEAD_LIMIT_RANGE: (usize, usize) = (1024, 256 * 1024);
 
@@ -83,7 +87,11 @@ impl Stack {
             return;
         };
         let dst = f.key.dst;
-        f.proxy = Some(Box::new(ProxyFlow::new(kind, dst.to_string(), limit)));
+        let mut p = ProxyFlow::new(kind, dst.to_string(), limit);
+        if kind == ProxyKind::Https {
+            p.sniff_deadline = Some(now + TLS_SNIFF_TIMEOUT);
+        }
+        f.proxy = Some(Box::new(p));
         self.proxy_flows += 1;
         self.stats.proxy.flows += 1;
         if kind == ProxyKind::Explicit {
@@ -885,6 +893,11 @@ impl Stack {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
+            if matches!(self.proxy_mut(id).map(|p| p.stage), Some(Stage::Sniff)) {
+                self.stats.proxy.sniff_timeouts += 1;
+                self.route_tls(id, None);
+                continue;
+            }
             // A connect that timed out counts as any failed connect; a CONNECT reply
             // that did not come only as the proxy's own error.
             if matches!(

@@ -680,3 +680,27 @@ GET http://h/d HTTP/1.0\r\nHost: h\r\n{auth}\r\n"
         assert_eq!(text(&got), expected, "split at {split}");
     }
 }
+
+#[test]
+fn a_silent_tls_client_is_tunnelled_by_address_after_the_sniff_timeout() {
+    // SSH on 443: the server speaks first, the client waits.
+    let mut s = proxied_stack("");
+    let (flow, mut c) = open(&mut s, 0, tls());
+    assert_eq!(s.poll_timeout(), Some(t(5000)));
+    s.poll(t(4999));
+    assert_eq!(drain_cmds(&mut s), vec![]);
+    s.poll(t(5000));
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::Connect(flow, UPSTREAM.parse().unwrap())]
+    );
+    s.tcp_connected(t(5001), flow);
+    s.poll(t(5001));
+    assert!(text(&host_reads(&mut s, flow)).starts_with("CONNECT 203.0.113.5:443 HTTP/1.1\r\n"));
+    host_writes(&mut s, flow, b"HTTP/1.1 200 OK\r\n\r\nSSH-2.0-server\r\n");
+    let (got, _) = guest_reads(&mut s, 5002, &mut c);
+    assert_eq!(got, b"SSH-2.0-server\r\n");
+    guest_sends(&mut s, 5003, &mut c, b"SSH-2.0-client\r\n");
+    assert_eq!(host_reads(&mut s, flow), b"SSH-2.0-client\r\n");
+    assert_eq!(s.stats().proxy.sniff_timeouts, 1);
+}

@@ -1218,6 +1218,7 @@ impl<N: HostNet> Driver<N> {
                     "connects": s.proxy.connects,
                     "sni_names": s.proxy.sni_names,
                     "sni_fallbacks": s.proxy.sni_fallbacks,
+                    "sniff_timeouts": s.proxy.sniff_timeouts,
                     "excluded": s.proxy.excluded,
                     "explicit": s.proxy.explicit,
                     "resolves": s.proxy.resolves,

@@ -74,6 +74,9 @@ pub(crate) struct ProxyFlow {
     /// The host connection is open.
     pub connected: bool,
     pub head_limit: usize,
+    /// TLS: when a client that has not sent a ClientHello by then is taken for a
+    /// protocol whose server speaks first (SSH on 443): tunnelled by address.
+    pub sniff_deadline: Option<Instant>,
 }
 
 impl ProxyFlow {
@@ -92,6 +95,7 @@ impl ProxyFlow {
             response_seen: false,
             connected: false,
             head_limit,
+            sniff_deadline: None,
         }
     }
 
@@ -103,6 +107,7 @@ impl ProxyFlow {
     pub fn deadline(&self) -> Option<Instant> {
         match self.stage {
             Stage::Connecting { deadline, .. } | Stage::ConnectReply { deadline } => Some(deadline),
+            Stage::Sniff => self.sniff_deadline,
             _ => None,
         }
     }
