@@ -581,3 +581,42 @@ fn explicit_proxy_on_the_gateway_goes_direct_without_an_upstream() {
     assert_eq!(p["explicit"], 2, "{p}");
     assert_eq!(p["resolves"], 2, "{p}");
 }
+
+#[test]
+fn explicit_proxy_forwards_to_the_upstream_with_credentials() {
+    if skip() || !have_tools() {
+        return;
+    }
+    let world = World::new(true);
+    let api = api_path();
+    let url = world.proxy_url("user:s3cret@");
+    let tb = testbed(
+        &world,
+        &api,
+        &[
+            "--http-proxy".into(),
+            url.clone(),
+            "--https-proxy".into(),
+            url,
+        ],
+    );
+    let explicit = ["--noproxy", "", "-x", "http://192.168.65.1:3128"];
+    let mut args = explicit.to_vec();
+    args.push("http://web.e2e.test/via");
+    assert_eq!(curl_ok(&tb, &args), "hello /via host=web.e2e.test");
+    let mut args = explicit.to_vec();
+    args.extend(["-k", "https://tls.e2e.test/via-connect"]);
+    assert_eq!(curl_ok(&tb, &args), "hello /via-connect host=tls.e2e.test");
+    let log = world.proxy_log();
+    assert!(
+        log.contains("GET http://web.e2e.test/via HTTP/1.1"),
+        "{log}"
+    );
+    assert!(log.contains("CONNECT tls.e2e.test:443 HTTP/1.1"), "{log}");
+    let p = &stats(&api)["core"]["proxy"];
+    assert_eq!(
+        (p["explicit"].as_u64(), p["resolves"].as_u64()),
+        (Some(2), Some(0)),
+        "{p}"
+    );
+}
