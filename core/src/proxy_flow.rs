@@ -446,9 +446,15 @@ impl Stack {
     }
 
     fn proxy_connect(&mut self, id: FlowId, to: SocketAddr, after: After) {
+        if self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects {
+            self.stats.drop(crate::DropReason::TcpPendingLimit);
+            self.proxy_fail(id, Some((503, "too many connections in progress")));
+            return;
+        }
         let deadline = self.last_now + self.config.tcp.connect_timeout;
         let Some(p) = self.proxy_mut(id) else { return };
         p.stage = Stage::Connecting { deadline, after };
+        self.proxy_connecting += 1;
         self.commands.push_back(Cmd::TcpConnect(id, to));
     }
 
@@ -566,6 +572,9 @@ impl Stack {
             p.stage,
             Stage::Sniff | Stage::Resolving { .. } | Stage::Failed
         );
+        if matches!(p.stage, Stage::Connecting { .. }) {
+            self.proxy_connecting -= 1;
+        }
         p.stage = Stage::Failed;
         p.out = Vec::new();
         p.sent = 0;
@@ -625,6 +634,7 @@ impl Stack {
             return true;
         };
         p.connected = true;
+        self.proxy_connecting -= 1;
         p.stage = match after {
             After::Http => Stage::Http,
             After::Tunnel => Stage::Tunnel,

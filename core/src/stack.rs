@@ -171,6 +171,8 @@ pub struct Stack {
     proxy: Option<ProxyConfig>,
     /// TCP flows with proxy state.
     proxy_flows: usize,
+    /// Proxied flows whose host connect runs (they count against the pending limit).
+    proxy_connecting: usize,
 
     commands: VecDeque<Cmd>,
     arena: Vec<u8>,
@@ -250,6 +252,7 @@ impl Stack {
             egress_pending: false,
             proxy: None,
             proxy_flows: 0,
+            proxy_connecting: 0,
             commands: VecDeque::new(),
             arena: Vec::new(),
             scratch: Vec::new(),
@@ -899,7 +902,7 @@ impl Stack {
             Some(DropReason::TcpFlowLimit)
         } else if dns_service || proxy_kind.is_some() {
             None
-        } else if self.tcp_pending >= self.config.tcp.max_pending_connects {
+        } else if self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects {
             Some(DropReason::TcpPendingLimit)
         } else if (ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias)
             || seg.dst_port == 0
@@ -1251,9 +1254,13 @@ impl Stack {
     fn remove_tcp(&mut self, flow: FlowId) {
         if let Some(f) = self.tcp.remove(&flow) {
             self.tcp_by_key.remove(&f.key);
-            if f.proxy.is_some() {
+            if let Some(p) = &f.proxy {
                 self.proxy_flows -= 1;
+                if matches!(p.stage, crate::proxy::flow::Stage::Connecting { .. }) {
+                    self.proxy_connecting -= 1;
+                }
             }
+            debug_assert!(self.proxy_connecting <= self.proxy_flows);
             match f.phase {
                 Phase::Connecting { .. } => self.tcp_pending -= 1,
                 Phase::Open { handle } => {

@@ -47,10 +47,10 @@ fn open(s: &mut Stack, now: i64, dst: SocketAddrV4) -> (FlowId, Conn) {
     };
     s.handle_frame(t(now), &c.syn());
     s.poll(t(now));
-    assert_eq!(
-        drain_cmds(s),
-        vec![],
-        "no host connect before the guest spoke"
+    let early = drain_cmds(s);
+    assert!(
+        !early.iter().any(|c| matches!(c, Cmd::Connect(..))),
+        "no host connect before the guest spoke: {early:?}"
     );
     let segs: Vec<Seg> = tcp_segments(&drain_frames(s))
         .into_iter()
@@ -703,4 +703,55 @@ fn a_silent_tls_client_is_tunnelled_by_address_after_the_sniff_timeout() {
     guest_sends(&mut s, 5003, &mut c, b"SSH-2.0-client\r\n");
     assert_eq!(host_reads(&mut s, flow), b"SSH-2.0-client\r\n");
     assert_eq!(s.stats().proxy.sniff_timeouts, 1);
+}
+
+#[test]
+fn proxied_connects_count_against_the_pending_limit() {
+    let mut s = Stack::new(
+        Config {
+            tcp: crate::config::TcpConfig {
+                max_pending_connects: 1,
+                ..Default::default()
+            },
+            ..Config::default()
+        },
+        Rng::seed_from_u64(7),
+        t(0),
+    )
+    .unwrap();
+    s.set_proxy(proxied_stack("").proxy().cloned());
+    let head = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n";
+    let (first, mut c1) = open(&mut s, 0, web());
+    assert_eq!(guest_sends(&mut s, 1, &mut c1, head).len(), 1);
+    // A second while the first connects: 503, no connect.
+    let (_, mut c2) = open(&mut s, 2, web());
+    assert_eq!(guest_sends(&mut s, 3, &mut c2, head), vec![]);
+    let (got, _) = guest_reads(&mut s, 3, &mut c2);
+    assert_eq!(status_line(&got), "HTTP/1.1 503 Service Unavailable");
+    // And a direct flow is refused too (RST), as ever.
+    let c3 = Conn {
+        guest: SocketAddrV4::new(guest_ip(), 41000),
+        ..Conn::new(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 22))
+    };
+    s.handle_frame(t(4), &c3.syn());
+    s.poll(t(4));
+    assert_eq!(drain_cmds(&mut s), vec![]);
+    assert_eq!(s.stats().dropped(DropReason::TcpPendingLimit), 2);
+    // Once the first connected, there is room again.
+    s.tcp_connected(t(5), first);
+    s.poll(t(5));
+    drain_cmds(&mut s);
+    let (third, mut c4) = open(&mut s, 6, web());
+    assert_eq!(
+        guest_sends(&mut s, 7, &mut c4, head),
+        vec![Cmd::Connect(third, UPSTREAM.parse().unwrap())]
+    );
+    s.tcp_connect_failed(t(8), third, ConnectError::Refused);
+    s.poll(t(8));
+    drain_cmds(&mut s);
+    let (fourth, mut c5) = open(&mut s, 9, web());
+    assert_eq!(
+        guest_sends(&mut s, 10, &mut c5, head),
+        vec![Cmd::Connect(fourth, UPSTREAM.parse().unwrap())]
+    );
 }
