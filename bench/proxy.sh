@@ -60,6 +60,8 @@ TP
 ip netns exec "$h" tinyproxy -d -c "$dir/tinyproxy.conf" &
 pids+=($!)
 sleep 0.5
+# Warm the page cache: the first download must not pay for it.
+ip netns exec "$h" curl -sS -o /dev/null http://10.99.0.1/big
 
 for i in $(seq "$n"); do printf 'url = "http://web.bench.test/small"\noutput = "/dev/null"\n'; done > "$dir/urls"
 
