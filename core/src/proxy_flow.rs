@@ -707,6 +707,9 @@ impl Stack {
 
     /// `tcp_room` for a proxied flow, when it differs from the socket's room.
     pub(super) fn proxy_room(&self, id: FlowId) -> Option<usize> {
+        if self.proxy_flows == 0 {
+            return None;
+        }
         let p = self.tcp.get(&id)?.proxy.as_deref()?;
         match p.stage {
             Stage::ConnectReply { .. } => Some(p.head_limit.saturating_sub(p.reply.len())),
