@@ -343,6 +343,10 @@ impl Stack {
         result: Result<Vec<std::net::IpAddr>, ResolveError>,
     ) {
         self.last_now = now;
+        if req & super::proxy_flow::PROXY_RESOLVE != 0 {
+            self.proxy_resolved(req, result);
+            return;
+        }
         if let Some(dns) = self.dns.as_mut() {
             dns.handle_resolved(now, ResolveId(req), result);
         }

@@ -18,6 +18,7 @@ mod device;
 pub mod dhcp;
 pub mod dns;
 mod icmp;
+pub mod proxy;
 pub mod stack;
 pub mod stats;
 pub mod switch;
@@ -26,6 +27,7 @@ mod udp;
 pub mod wire;
 
 pub use config::{Config, ConfigError, DhcpConfig, IcmpConfig, Subnet, TcpConfig, UdpConfig};
+pub use proxy::{ProxyConfig, ProxyStats};
 pub use smoltcp::time::{Duration, Instant};
 pub use stack::{ConnectError, FlowId, HostCommand, InboundError, Stack};
 pub use stats::{DropReason, Stats};

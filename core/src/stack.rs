@@ -30,6 +30,10 @@ mod gateway_dns;
 use gateway_dns::DnsTcpUpstream;
 pub use gateway_dns::ResolveRequest;
 
+#[path = "proxy_flow.rs"]
+mod proxy_flow;
+use crate::proxy::ProxyConfig;
+
 /// Names one flow (TCP connection, UDP NAT entry or ping session) in commands and events.
 /// Never reused within one [`Stack`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -163,6 +167,12 @@ pub struct Stack {
     resolves: VecDeque<ResolveRequest>,
     /// Servicing flows queued bytes or a close that the next egress pass must send.
     egress_pending: bool,
+    /// The transparent/explicit proxy (`None`: no interception).
+    proxy: Option<ProxyConfig>,
+    /// TCP flows with proxy state.
+    proxy_flows: usize,
+    /// Proxied flows whose host connect runs (they count against the pending limit).
+    proxy_connecting: usize,
 
     commands: VecDeque<Cmd>,
     arena: Vec<u8>,
@@ -240,6 +250,9 @@ impl Stack {
             dns_tcp: BTreeMap::new(),
             resolves: VecDeque::new(),
             egress_pending: false,
+            proxy: None,
+            proxy_flows: 0,
+            proxy_connecting: 0,
             commands: VecDeque::new(),
             arena: Vec::new(),
             scratch: Vec::new(),
@@ -880,11 +893,16 @@ impl Stack {
             return Ok(());
         }
         let dns_service = ip.dst == self.config.gateway && seg.dst_port == 53 && self.dns.is_some();
+        let proxy_kind = if self.proxy.is_some() && seg.src_port != 0 {
+            self.proxy_kind(key.dst)
+        } else {
+            None
+        };
         let refuse = if self.tcp.len() >= self.config.tcp.max_flows {
             Some(DropReason::TcpFlowLimit)
-        } else if dns_service {
+        } else if dns_service || proxy_kind.is_some() {
             None
-        } else if self.tcp_pending >= self.config.tcp.max_pending_connects {
+        } else if self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects {
             Some(DropReason::TcpPendingLimit)
         } else if (ip.dst == self.config.gateway && Some(ip.dst) != self.config.host_alias)
             || seg.dst_port == 0
@@ -910,6 +928,12 @@ impl Stack {
             // The gateway itself answers: no host connect, the handshake completes now.
             self.tcp.get_mut(&id).expect("inserted").local_dns = Some(Vec::new());
             self.tcp_connected(now, id);
+            return Ok(());
+        }
+        if let Some(kind) = proxy_kind {
+            // The head (or ClientHello) decides where this goes: the guest's handshake
+            // completes first.
+            self.proxy_accept(now, id, kind);
             return Ok(());
         }
         let dst = SocketAddr::new(self.host_target(ip.dst), seg.dst_port);
@@ -1029,9 +1053,14 @@ impl Stack {
     /// The host connect for `flow` succeeded: the guest now gets its SYN-ACK.
     pub fn tcp_connected(&mut self, now: Instant, flow: FlowId) {
         self.last_now = now;
-        if self.dns_tcp_connected(flow) {
+        if self.dns_tcp_connected(flow) || self.proxy_connected(flow) {
             return;
         }
+        self.accept_guest(now, flow);
+    }
+
+    /// Give a connecting flow its smoltcp socket and replay the guest's SYN into it.
+    fn accept_guest(&mut self, now: Instant, flow: FlowId) {
         let Some(f) = self.tcp.get_mut(&flow) else {
             self.stats.drop(DropReason::StaleHostEvent);
             return;
@@ -1081,9 +1110,9 @@ impl Stack {
     }
 
     /// The host connect for `flow` failed: the guest gets a RST.
-    pub fn tcp_connect_failed(&mut self, now: Instant, flow: FlowId, _err: ConnectError) {
+    pub fn tcp_connect_failed(&mut self, now: Instant, flow: FlowId, err: ConnectError) {
         self.last_now = now;
-        if self.dns_tcp_failed(now, flow) {
+        if self.dns_tcp_failed(now, flow) || self.proxy_connect_failed(flow, err) {
             return;
         }
         let Some(f) = self.tcp.get(&flow) else {
@@ -1116,6 +1145,9 @@ impl Stack {
         if self.dns_tcp.contains_key(&flow) {
             return self.dns_tcp_to_host(flow).unwrap_or(&[]);
         }
+        if self.proxy_flows > 0 && self.tcp.get(&flow).is_some_and(|f| f.proxy.is_some()) {
+            return self.proxy_to_host(flow);
+        }
         match self.socket(flow) {
             Some(s) => s.peek(usize::MAX).unwrap_or(&[]),
             None => &[],
@@ -1127,6 +1159,10 @@ impl Stack {
         if self.dns_tcp_consumed(flow, n) {
             return;
         }
+        if self.proxy_flows > 0 && self.tcp.get(&flow).is_some_and(|f| f.proxy.is_some()) {
+            self.proxy_consumed(flow, n);
+            return;
+        }
         if let Some(s) = self.socket(flow) {
             let _ = s.recv(|b| (n.min(b.len()), ()));
             self.dirty.push(flow);
@@ -1135,7 +1171,7 @@ impl Stack {
 
     /// Room for bytes from the host.
     pub fn tcp_room(&mut self, flow: FlowId) -> usize {
-        if let Some(room) = self.dns_tcp_room(flow) {
+        if let Some(room) = self.dns_tcp_room(flow).or_else(|| self.proxy_room(flow)) {
             return room;
         }
         match self.socket(flow) {
@@ -1156,6 +1192,9 @@ impl Stack {
         if self.dns_tcp.contains_key(&flow) {
             return self.dns_tcp_from_host(flow, fill).flatten();
         }
+        if self.proxy_takes_host_bytes(flow) {
+            return self.proxy_reply_from_host(flow, fill);
+        }
         let f = self.tcp.get_mut(&flow)?;
         let handle = f.handle()?;
         let s = self.sockets.get_mut::<tcp::Socket>(handle);
@@ -1163,7 +1202,11 @@ impl Stack {
             f.host_read_blocked = true;
             return None;
         }
+        let before = s.send_queue();
         let r = s.send(fill).ok();
+        if let Some(p) = f.proxy.as_deref_mut() {
+            p.response_seen |= s.send_queue() > before;
+        }
         if s.send_capacity() == s.send_queue() {
             f.host_read_blocked = true;
         }
@@ -1178,6 +1221,9 @@ impl Stack {
             self.commands.push_back(Cmd::TcpClose(flow));
             return;
         }
+        if self.proxy_host_eof(flow) {
+            return;
+        }
         let Some(f) = self.tcp.get_mut(&flow) else {
             return;
         };
@@ -1190,7 +1236,7 @@ impl Stack {
 
     /// The host connection was reset (or failed): the guest gets a RST.
     pub fn tcp_host_reset(&mut self, flow: FlowId) {
-        if self.dns_tcp_failed(self.last_now, flow) {
+        if self.dns_tcp_failed(self.last_now, flow) || self.proxy_host_reset(flow) {
             return;
         }
         let Some(f) = self.tcp.get(&flow) else {
@@ -1208,6 +1254,13 @@ impl Stack {
     fn remove_tcp(&mut self, flow: FlowId) {
         if let Some(f) = self.tcp.remove(&flow) {
             self.tcp_by_key.remove(&f.key);
+            if let Some(p) = &f.proxy {
+                self.proxy_flows -= 1;
+                if matches!(p.stage, crate::proxy::flow::Stage::Connecting { .. }) {
+                    self.proxy_connecting -= 1;
+                }
+            }
+            debug_assert!(self.proxy_connecting <= self.proxy_flows);
             match f.phase {
                 Phase::Connecting { .. } => self.tcp_pending -= 1,
                 Phase::Open { handle } => {
@@ -1287,6 +1340,10 @@ impl Stack {
         }
         if f.local_dns.is_some() {
             self.service_dns_tcp(self.last_now, id);
+            return;
+        }
+        if f.proxy.is_some() {
+            self.service_proxy(id);
             return;
         }
         let room = s.may_send() && s.send_capacity() > s.send_queue();
@@ -1378,6 +1435,7 @@ impl Stack {
     }
 
     fn expire(&mut self, now: Instant) {
+        self.proxy_expire(now);
         // Host connects past their deadline.
         if self.tcp_pending > 0 {
             let late: Vec<FlowId> = self
@@ -1434,6 +1492,7 @@ impl Stack {
         consider(self.dns.as_ref().and_then(|d| d.poll_timeout()));
         consider(self.udp_next_expiry);
         consider(self.ping_next_expiry);
+        consider(self.proxy_poll_timeout());
         if self.tcp_pending > 0 {
             consider(
                 self.tcp

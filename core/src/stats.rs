@@ -109,6 +109,8 @@ pub struct Stats {
     pub icmp_echo_replies: u64,
     pub arp_replies: u64,
     pub dhcp_replies: u64,
+    /// The transparent and explicit proxy.
+    pub proxy: crate::proxy::ProxyStats,
     drops: [u64; DropReason::ALL.len()],
 }
 

@@ -46,6 +46,8 @@ pub(crate) struct TcpFlow {
     /// A connection to the gateway's DNS service (no host side): the bytes of a
     /// length-framed query not yet complete.
     pub local_dns: Option<Vec<u8>>,
+    /// An intercepted connection: the proxy's state.
+    pub proxy: Option<Box<crate::proxy::flow::ProxyFlow>>,
 }
 
 impl TcpFlow {
@@ -61,6 +63,7 @@ impl TcpFlow {
             last_state: tcp::State::Listen,
             inbound: false,
             local_dns: None,
+            proxy: None,
         }
     }
 

@@ -1336,3 +1336,6 @@ fn frames_for_an_unknown_guest_wait_for_its_arp_reply() {
     assert!(segs[0].p.syn);
     assert_eq!(segs[0].dst, guest);
 }
+
+#[path = "tests_proxy.rs"]
+mod proxy;

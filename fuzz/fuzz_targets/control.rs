@@ -14,6 +14,8 @@ enum Input {
     Local(String),
     Remote(String),
     Api { post: bool, path: u8, body: Vec<u8> },
+    /// `PUT /proxy` bodies, and proxy settings files (TOML or JSON).
+    Proxy { toml: bool, body: Vec<u8> },
 }
 
 const PATHS: [&str; 6] = [
@@ -53,6 +55,22 @@ fuzz_target!(|input: Input| match input {
             Ok(_) => {}
             Err(Reply::Err(status, message)) => assert!((400..600).contains(&status) && !message.is_empty()),
             Err(Reply::Ok(_)) => panic!("an error reply that is not an error"),
+        }
+    }
+    Input::Proxy { toml, body } => {
+        match route("PUT", "/proxy", &body) {
+            // What the API takes is checked but for the proxy host names.
+            Ok(Request::SetProxy(s)) => assert!(s.prepare().is_ok()),
+            Ok(r) => panic!("PUT /proxy became {r:?}"),
+            Err(Reply::Err(status, _)) => assert_eq!(status, 400),
+            Err(Reply::Ok(_)) => panic!("an error reply that is not an error"),
+        }
+        if let Ok(text) = std::str::from_utf8(&body) {
+            if let Ok(s) = usernet::proxy::ProxySettings::parse(text, toml) {
+                if let Ok(Some(p)) = s.prepare() {
+                    let _ = p.finish(|_| Some(std::net::Ipv4Addr::LOCALHOST.into()));
+                }
+            }
         }
     }
 });

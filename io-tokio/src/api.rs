@@ -6,6 +6,9 @@
 //! - `POST /services/forwarder/unexpose` with `{"local","protocol"}`
 //! - `GET /leases` → `{"192.168.65.3": "5a:94:ef:e4:0c:ee"}`
 //! - `GET /stats` → counters
+//! - `GET /proxy` → the proxy settings in use (passwords hidden); `PUT /proxy` with
+//!   settings (the shape of a `--proxy-config` JSON file) replaces them for new
+//!   connections
 //!
 //! Errors are `{"message": "..."}` with a 4xx/5xx status. The socket lives on the host
 //! only: nothing in the guest's network reaches it.
@@ -61,6 +64,8 @@ pub enum Request {
     },
     Leases,
     Stats,
+    GetProxy,
+    SetProxy(crate::proxy::ProxySettings),
 }
 
 /// The daemon's answer: a JSON body, or an error status and message.
@@ -106,13 +111,24 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Reply> {
         }
         ("GET", "/leases") => Ok(Request::Leases),
         ("GET", "/stats") => Ok(Request::Stats),
+        ("GET", "/proxy") => Ok(Request::GetProxy),
+        ("PUT", "/proxy") => {
+            let settings = crate::proxy::ProxySettings::parse(
+                std::str::from_utf8(body).map_err(|_| bad("the body is not UTF-8".into()))?,
+                false,
+            )
+            .map_err(|e| bad(format!("bad proxy settings: {e}")))?;
+            // Everything but the names is checked here: a bad request is refused whole.
+            settings.prepare().map_err(bad)?;
+            Ok(Request::SetProxy(settings))
+        }
         (
             _,
             "/services/forwarder/all"
             | "/services/forwarder/expose"
             | "/services/forwarder/unexpose",
         )
-        | (_, "/leases" | "/stats") => Err(Reply::Err(
+        | (_, "/leases" | "/stats" | "/proxy") => Err(Reply::Err(
             405,
             format!("{method} is not allowed on {path}"),
         )),

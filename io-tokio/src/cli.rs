@@ -214,6 +214,12 @@ pub enum CtlAction {
     Leases,
     /// Print the counters (JSON).
     Stats,
+    /// Show the proxy settings in use, or replace them with those of FILE (JSON, or
+    /// TOML when the name ends in .toml; the shape of --proxy-config).
+    Proxy {
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
 }
 
 /// The forwards of one `-p` value (a range gives several).
@@ -323,6 +329,36 @@ pub struct NetArgs {
     /// Per-flow TCP buffer in each direction, in KiB.
     #[arg(long, default_value_t = 512, value_name = "KIB")]
     pub tcp_buffer_kib: usize,
+    /// Upstream proxy for the guest's plain HTTP (port 80, see --proxy-http-ports):
+    /// http://[USER:PASS@]HOST[:PORT]. Requests are rewritten for the proxy, with
+    /// credentials as Proxy-Authorization. Without any proxy option nothing is
+    /// intercepted.
+    #[arg(long, value_name = "URL")]
+    pub http_proxy: Option<String>,
+    /// Upstream proxy for the guest's TLS (port 443): tunnelled with CONNECT to the name
+    /// in the ClientHello (SNI), or to the address without one.
+    #[arg(long, value_name = "URL")]
+    pub https_proxy: Option<String>,
+    /// Destinations that go direct: names (and names under them), .domain, *.domain,
+    /// addresses, CIDR blocks, or *; separated by commas.
+    #[arg(long, value_name = "LIST")]
+    pub no_proxy: Option<String>,
+    /// Ports intercepted as HTTP (default 80).
+    #[arg(long, value_name = "PORTS")]
+    pub proxy_http_ports: Option<String>,
+    /// Ports intercepted as TLS (default 443).
+    #[arg(long, value_name = "PORTS")]
+    pub proxy_https_ports: Option<String>,
+    /// The gateway's explicit HTTP proxy port for guests that set http_proxy (default
+    /// 3128 when a proxy is configured; 0 disables it; given alone it turns the explicit
+    /// proxy on, going direct).
+    #[arg(long, value_name = "PORT")]
+    pub proxy_explicit_port: Option<u16>,
+    /// Proxy settings from a JSON file (TOML when the name ends in .toml), re-read when it
+    /// changes: http_proxy, https_proxy, no_proxy, http_ports, https_ports,
+    /// explicit_port, head_limit. Fields it leaves out take the flags' values.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_config: Option<PathBuf>,
     /// Seed for the stack's randomness (TCP sequence numbers, IP identifiers); default:
     /// fresh from the OS. A fixed seed makes a run reproducible.
     #[arg(long, value_name = "N")]
@@ -478,6 +514,20 @@ impl NetArgs {
 }
 
 impl NetArgs {
+    /// The proxy settings of the flags (a --proxy-config file goes over them).
+    pub fn proxy_settings(&self) -> crate::proxy::ProxySettings {
+        use crate::proxy::Ports;
+        crate::proxy::ProxySettings {
+            http_proxy: self.http_proxy.clone(),
+            https_proxy: self.https_proxy.clone(),
+            no_proxy: self.no_proxy.clone().map(crate::proxy::NoProxy::Text),
+            http_ports: self.proxy_http_ports.clone().map(Ports::Text),
+            https_ports: self.proxy_https_ports.clone().map(Ports::Text),
+            explicit_port: self.proxy_explicit_port,
+            head_limit: None,
+        }
+    }
+
     /// Every forward of the `-p` options, in order.
     pub fn forwards(&self) -> Vec<Forward> {
         self.publish
@@ -542,6 +592,15 @@ impl CtlAction {
             CtlAction::List => ("GET", "/services/forwarder/all", None),
             CtlAction::Leases => ("GET", "/leases", None),
             CtlAction::Stats => ("GET", "/stats", None),
+            CtlAction::Proxy { file: None } => ("GET", "/proxy", None),
+            CtlAction::Proxy { file: Some(f) } => {
+                let settings = crate::proxy::ProxySettings::load(f).map_err(CliError)?;
+                (
+                    "PUT",
+                    "/proxy",
+                    Some(serde_json::to_value(settings).map_err(|e| CliError(e.to_string()))?),
+                )
+            }
         })
     }
 
@@ -571,7 +630,9 @@ impl CtlAction {
                         .collect()
                 })
                 .unwrap_or_default(),
-            CtlAction::Stats => serde_json::to_string_pretty(body).unwrap_or_default() + "\n",
+            CtlAction::Stats | CtlAction::Proxy { .. } => {
+                serde_json::to_string_pretty(body).unwrap_or_default() + "\n"
+            }
         }
     }
 }

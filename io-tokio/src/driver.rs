@@ -20,11 +20,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use usernet_core::dns::ResolveError;
 use usernet_core::stack::ResolveRequest;
-use usernet_core::{ConnectError, FlowId, HostCommand, Instant, Stack};
+use usernet_core::{ConnectError, FlowId, HostCommand, Instant, ProxyConfig, Stack};
 
 use crate::api::{Control, Reply, Request};
 use crate::forward::{Forward, Protocol, Remote};
 use crate::hostnet::{BoxFuture, HostListener, HostNet, HostPing, HostUdp};
+use crate::proxy::ProxySettings;
 use crate::transport::{FrameTransport, GuestInfo};
 
 /// Bytes queued towards the guest before the loop stops draining the core and flushes.
@@ -37,6 +38,8 @@ enum Event {
     Ping(FlowId, u16, Vec<u8>),
     /// The host resolver's answer for a DNS system-mode lookup.
     Resolved(u64, Result<Vec<IpAddr>, ResolveError>),
+    /// Proxy settings (re)loaded and their proxy hosts resolved.
+    Proxy(Box<(ProxySettings, Result<Option<ProxyConfig>, String>)>),
 }
 
 /// Flow ids whose host socket became ready, forwards whose listening socket did, and the
@@ -175,6 +178,43 @@ struct HostsFile {
     checked: Option<tokio::time::Instant>,
 }
 
+/// A watched settings file: re-read when its modification time changes.
+struct WatchedFile {
+    path: std::path::PathBuf,
+    modified: Option<std::time::SystemTime>,
+    checked: Option<tokio::time::Instant>,
+}
+
+impl WatchedFile {
+    fn new(path: std::path::PathBuf) -> Self {
+        WatchedFile {
+            path,
+            modified: None,
+            checked: None,
+        }
+    }
+
+    /// Whether the file changed since the last look; looked at most once a second.
+    fn changed(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self
+            .checked
+            .is_some_and(|c| now.duration_since(c) < std::time::Duration::from_secs(1))
+        {
+            return false;
+        }
+        self.checked = Some(now);
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified == self.modified && self.modified.is_some() {
+            return false;
+        }
+        self.modified = modified;
+        true
+    }
+}
+
 /// Counters of the driver itself (the core keeps its own).
 #[derive(Clone, Debug, Default)]
 pub struct DriverStats {
@@ -274,6 +314,11 @@ pub struct Driver<N: HostNet> {
     control: Option<mpsc::Receiver<Control>>,
     /// Capture of every frame to and from the guest (`--pcap`).
     pcap: Option<crate::pcap::Pcap>,
+    /// Proxy settings from the flags; the file's (re-read when it changes) go over them.
+    proxy_flags: ProxySettings,
+    proxy_file: Option<WatchedFile>,
+    /// The settings in use.
+    proxy_settings: ProxySettings,
 }
 
 impl<N: HostNet> Driver<N> {
@@ -300,6 +345,9 @@ impl<N: HostNet> Driver<N> {
             inbound_udp: BTreeMap::new(),
             forward_limits: ForwardLimits::default(),
             listen_backlog: 128,
+            proxy_flags: ProxySettings::default(),
+            proxy_file: None,
+            proxy_settings: ProxySettings::default(),
             default_guest: None,
             control: None,
             pcap: None,
@@ -476,6 +524,7 @@ impl<N: HostNet> Driver<N> {
                     }
                     let now = self.now();
                     self.maybe_reload_hosts(stack);
+                    self.maybe_reload_proxy();
                     while let Some(frame) = transport.next_frame() {
                         if let Some(p) = &self.pcap {
                             p.record(frame);
@@ -624,7 +673,115 @@ impl<N: HostNet> Driver<N> {
         match ev {
             Event::Ping(flow, seq, data) => stack.ping_reply(now, flow, seq, &data),
             Event::Resolved(req, result) => stack.dns_resolved(now, req, result),
+            Event::Proxy(b) => match b.1 {
+                Ok(config) => self.use_proxy(stack, b.0, config),
+                Err(e) => tracing::warn!(error = %e, "proxy settings not applied"),
+            },
         }
+    }
+
+    /// Proxy settings from the flags, and a file that goes over them (re-read when it
+    /// changes). Apply them with [`Driver::load_proxy`] before running.
+    pub fn set_proxy_settings(&mut self, flags: ProxySettings, file: Option<std::path::PathBuf>) {
+        self.proxy_flags = flags;
+        self.proxy_file = file.map(WatchedFile::new);
+    }
+
+    /// The effective settings now (the file's over the flags').
+    fn current_proxy_settings(&mut self) -> Result<ProxySettings, String> {
+        match self.proxy_file.as_mut() {
+            Some(f) => {
+                f.changed();
+                Ok(ProxySettings::load(&f.path)?.or(&self.proxy_flags))
+            }
+            None => Ok(self.proxy_flags.clone()),
+        }
+    }
+
+    /// Load, resolve and apply the proxy settings now (at start: errors are fatal).
+    pub async fn load_proxy(&mut self, stack: &mut Stack) -> Result<(), String> {
+        let settings = self.current_proxy_settings()?;
+        let config = self.resolve_proxy(settings.clone()).await?;
+        self.use_proxy(stack, settings, config);
+        Ok(())
+    }
+
+    /// Resolve the proxy hosts of `settings` and build the core's configuration; the
+    /// future owns everything it needs (it may run off the loop).
+    fn resolve_proxy(
+        &self,
+        settings: ProxySettings,
+    ) -> impl Future<Output = Result<Option<ProxyConfig>, String>> + Send + 'static {
+        let lookups: Vec<(String, BoxFuture<io::Result<Vec<IpAddr>>>)> = match settings.prepare() {
+            Ok(Some(p)) => p
+                .names()
+                .into_iter()
+                .map(|n| (n.clone(), self.net.resolve(n)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        async move {
+            let mut found = Vec::new();
+            for (name, lookup) in lookups {
+                match tokio::time::timeout(std::time::Duration::from_secs(10), lookup).await {
+                    Ok(Ok(a)) => found.push((name, a)),
+                    Ok(Err(e)) => {
+                        return Err(format!("cannot resolve the proxy host {name:?}: {e}"))
+                    }
+                    Err(_) => return Err(format!("looking up the proxy host {name:?} timed out")),
+                }
+            }
+            crate::proxy::resolve_settings(&settings, |n| {
+                let r = found
+                    .iter()
+                    .find(|(f, _)| *f == n)
+                    .map(|(_, a)| a.clone())
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"));
+                std::future::ready(r)
+            })
+            .await
+        }
+    }
+
+    fn use_proxy(
+        &mut self,
+        stack: &mut Stack,
+        settings: ProxySettings,
+        config: Option<ProxyConfig>,
+    ) {
+        match &config {
+            Some(c) => tracing::info!(
+                settings = ?settings.redacted(), http = ?c.http.as_ref().map(|u| u.addr),
+                https = ?c.https.as_ref().map(|u| u.addr), explicit_port = ?c.explicit_port,
+                "proxy on"
+            ),
+            None => tracing::info!("proxy off"),
+        }
+        stack.set_proxy(config);
+        self.proxy_settings = settings;
+    }
+
+    /// Re-read the proxy file if it changed; the proxy hosts are resolved off the loop.
+    fn maybe_reload_proxy(&mut self) {
+        let Some(f) = self.proxy_file.as_mut() else {
+            return;
+        };
+        if !f.changed() {
+            return;
+        }
+        let settings = match ProxySettings::load(&f.path) {
+            Ok(s) => s.or(&self.proxy_flags),
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy settings not reloaded");
+                return;
+            }
+        };
+        let resolve = self.resolve_proxy(settings.clone());
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let r = resolve.await;
+            let _ = events.send(Event::Proxy(Box::new((settings, r)))).await;
+        });
     }
 
     /// Look a name up with the host's resolver (DNS system mode), off the loop.
@@ -1030,7 +1187,27 @@ impl<N: HostNet> Driver<N> {
                 v["guests"] = guests_json(stack, &guests);
                 Reply::Ok(v)
             }
+            Request::GetProxy => Reply::Ok(self.proxy_json(stack)),
+            Request::SetProxy(settings) => {
+                let settings = settings.or(&self.proxy_flags);
+                match self.resolve_proxy(settings.clone()).await {
+                    Ok(config) => {
+                        self.use_proxy(stack, settings, config);
+                        Reply::Ok(self.proxy_json(stack))
+                    }
+                    Err(e) => Reply::Err(400, e),
+                }
+            }
         }
+    }
+
+    /// The proxy settings in use (passwords hidden), as JSON (`GET /proxy`).
+    fn proxy_json(&self, stack: &Stack) -> serde_json::Value {
+        let mut v = serde_json::to_value(self.proxy_settings.redacted()).unwrap_or_default();
+        if let Some(m) = v.as_object_mut() {
+            m.insert("active".into(), stack.proxy().is_some().into());
+        }
+        v
     }
 
     /// The core's counters and the driver's, as JSON (`GET /stats`).
@@ -1059,6 +1236,27 @@ impl<N: HostNet> Driver<N> {
                 "tcp_flows": stack.tcp_flow_count(),
                 "udp_flows": stack.udp_flow_count(),
                 "ping_flows": stack.ping_flow_count(),
+                "proxy": {
+                    "flows": s.proxy.flows,
+                    "requests": s.proxy.requests,
+                    "connects": s.proxy.connects,
+                    "sni_names": s.proxy.sni_names,
+                    "sni_fallbacks": s.proxy.sni_fallbacks,
+                    "sniff_timeouts": s.proxy.sniff_timeouts,
+                    "excluded": s.proxy.excluded,
+                    "explicit": s.proxy.explicit,
+                    "resolves": s.proxy.resolves,
+                    "errors": {
+                        "bad_requests": s.proxy.bad_requests,
+                        "heads_too_large": s.proxy.heads_too_large,
+                        "upstream_failed": s.proxy.upstream_failed,
+                        "upstream_timeouts": s.proxy.upstream_timeouts,
+                        "connect_refused": s.proxy.connect_refused,
+                        "bad_bodies": s.proxy.bad_bodies,
+                        "resolve_failed": s.proxy.resolve_failed,
+                        "forbidden": s.proxy.forbidden,
+                    },
+                },
             },
             "driver": {
                 "connects_ok": d.connects_ok,

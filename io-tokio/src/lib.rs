@@ -12,6 +12,7 @@ pub mod listen;
 pub mod netns;
 pub mod pcap;
 pub mod ping;
+pub mod proxy;
 pub mod stream;
 pub mod tap;
 pub mod transport;

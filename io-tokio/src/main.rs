@@ -133,6 +133,7 @@ async fn new_driver(
 ) -> Result<(Driver<TokioNet>, Option<RemoveOnDrop>), CliError> {
     let mut driver = Driver::new(TokioNet);
     driver.set_listen_backlog(net.listen_backlog);
+    driver.set_proxy_settings(net.proxy_settings(), net.proxy_config.clone());
     if let Some(path) = &net.hosts {
         driver.set_hosts_file(path.clone());
     }
@@ -219,6 +220,10 @@ async fn serve_transport<T: FrameTransport>(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), CliError> {
     let mut stack = new_stack(config, seed, &driver)?;
+    driver
+        .load_proxy(&mut stack)
+        .await
+        .map_err(|e| CliError(format!("proxy settings: {e}")))?;
     let r = driver.run(&mut stack, transport, stop).await;
     tracing::info!(stats = ?stack.stats(), driver = ?driver.stats, "stopped");
     r.map_err(|e| CliError(format!("guest link failed: {e}")))

@@ -90,6 +90,11 @@ pub enum Outcome {
     Servfail {
         at_us: u64,
     },
+    /// HTTP: an error response (of the daemon's proxy), then the connection closed.
+    HttpError {
+        status: u16,
+        at_us: u64,
+    },
 }
 
 impl Outcome {
@@ -98,7 +103,8 @@ impl Outcome {
             Outcome::Complete { at_us, .. }
             | Outcome::Reset { at_us, .. }
             | Outcome::Truncated { at_us, .. }
-            | Outcome::Servfail { at_us } => Some(*at_us),
+            | Outcome::Servfail { at_us }
+            | Outcome::HttpError { at_us, .. } => Some(*at_us),
             _ => None,
         }
     }
@@ -189,6 +195,8 @@ struct Conn {
     half_closed: bool,
     eof: bool,
     corrupt: Option<String>,
+    /// HTTP: the status of an error response; its body is not checked.
+    http_status: Option<u16>,
     /// Echo with a pause: sending resumes at this time (0: no pause pending).
     pause_us: u64,
     resume_at: Option<u64>,
@@ -1119,6 +1127,7 @@ impl Guest {
             half_closed: false,
             eof: false,
             corrupt: None,
+            http_status: None,
             pause_us,
             resume_at: None,
             read_rate,
@@ -1231,6 +1240,18 @@ impl Guest {
             s.abort();
             return (Some(Outcome::Corrupt(why)), true);
         }
+        if let (true, Some(status)) = (c.eof, c.http_status) {
+            if !c.half_closed {
+                s.close();
+            }
+            return (
+                Some(Outcome::HttpError {
+                    status,
+                    at_us: now_us,
+                }),
+                true,
+            );
+        }
         let complete = c.established && c.eof && Self::received_all(c);
         if complete {
             if !c.half_closed {
@@ -1318,6 +1339,9 @@ impl Guest {
                 }
             }
             JobKind::Http => {
+                if c.http_status.is_some() {
+                    return;
+                }
                 if !c.header_done {
                     let take = buf.len();
                     c.header.extend_from_slice(buf);
@@ -1329,6 +1353,16 @@ impl Guest {
                             .lines()
                             .find_map(|l| l.strip_prefix("Content-Length: "))
                             .and_then(|v| v.trim().parse::<u64>().ok());
+                        let status = head
+                            .strip_prefix("HTTP/1.1 ")
+                            .and_then(|r| r.get(..3))
+                            .and_then(|s| s.parse::<u16>().ok())
+                            .filter(|s| *s >= 500);
+                        if let Some(status) = status {
+                            // An error of the daemon's proxy (HTTP/1.1, Connection: close).
+                            c.http_status = Some(status);
+                            return;
+                        }
                         if !head.starts_with("HTTP/1.0 200 ") || len != Some(c.total) {
                             c.corrupt = Some(format!("bad HTTP response header {head:?}"));
                             return;

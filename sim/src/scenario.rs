@@ -56,6 +56,8 @@ pub struct Scenario {
     /// elsewhere): the kept seeds must fail with a failure containing this text, and the
     /// fixed seed set is not run.
     pub expect_failure: Option<String>,
+    /// The daemon's transparent proxy: port-80 traffic to an upstream proxy host.
+    pub proxy: Option<ProxySpec>,
     /// Seed of the insta snapshot (default 1).
     #[serde(default = "default_snapshot_seed")]
     pub snapshot_seed: u64,
@@ -100,6 +102,33 @@ pub struct Upstream {
     /// `slow`: how long it waits before answering.
     #[serde(default)]
     pub dns_delay_ms: u64,
+    /// Also an HTTP proxy on port 3128 behaving so.
+    pub proxy: Option<ProxyBehaviour>,
+}
+
+/// How an upstream proxy host treats the daemon's connections on port 3128 (see
+/// `upstream::proxy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyBehaviour {
+    /// Answers absolute-form requests as the origin would (`GET http://IP/SIZE/KEY`);
+    /// anything else gets 400.
+    Works,
+    /// Nothing listens: connections are refused.
+    Refuse,
+    /// Accepts, reads the request head, closes without a word.
+    Reset,
+}
+
+/// The daemon's transparent proxy.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySpec {
+    /// The upstream (by name) that is the HTTP proxy (port 3128).
+    pub http: String,
+    /// A no_proxy list.
+    #[serde(default)]
+    pub no_proxy: String,
 }
 
 /// How a DNS upstream answers (see `upstream::dns_answer`).
@@ -228,6 +257,8 @@ pub enum Expect {
     Clean,
     /// DNS: every query is answered SERVFAIL.
     Servfail,
+    /// HTTP: every request gets a 5xx response of the proxy, then the connection closes.
+    HttpError,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -497,6 +528,12 @@ impl Scenario {
                     })?;
                 }
             }
+        }
+        if let Some(p) = &self.proxy {
+            self.upstream_ip(&p.http)
+                .ok_or_else(|| format!("{n}: proxy names unknown upstream {:?}", p.http))?;
+            usernet_core::proxy::parse_no_proxy(&p.no_proxy)
+                .map_err(|e| format!("{n}: proxy no_proxy: {e}"))?;
         }
         if let Some(d) = &self.dns {
             for name in d.groups.iter().flatten() {

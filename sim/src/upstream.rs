@@ -10,22 +10,37 @@ use turmoil::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::dnsmsg;
 use crate::rng::{Fnv, Pattern};
-use crate::scenario::DnsBehaviour;
+use crate::scenario::{DnsBehaviour, ProxyBehaviour};
 
 pub const PORT_ECHO: u16 = 7;
 pub const PORT_AFTER_EOF: u16 = 8;
 pub const PORT_SINK: u16 = 9;
 pub const PORT_SOURCE: u16 = 19;
 pub const PORT_HTTP: u16 = 80;
+pub const PORT_PROXY: u16 = 3128;
 
 const CHUNK: usize = 16 * 1024;
 
 /// The software of an upstream host (restarted by `bounce`); with `dns`, also a DNS
-/// server on port 53 behaving so.
-pub async fn serve(me: Ipv4Addr, dns: Option<(DnsBehaviour, u64)>) -> turmoil::Result {
+/// server on port 53 behaving so; with `proxy`, an HTTP proxy on port 3128.
+pub async fn serve(
+    me: Ipv4Addr,
+    dns: Option<(DnsBehaviour, u64)>,
+    proxy: Option<ProxyBehaviour>,
+) -> turmoil::Result {
     let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     if let Some((b, delay_ms)) = dns {
         dns_servers(me, b, Duration::from_millis(delay_ms)).await?;
+    }
+    if let Some(b) = proxy.filter(|b| *b != ProxyBehaviour::Refuse) {
+        let l = TcpListener::bind(any(PORT_PROXY)).await?;
+        tokio::task::spawn_local(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::task::spawn_local(async move {
+                    let _ = proxy_conn(s, b).await;
+                });
+            }
+        });
     }
     for port in [PORT_ECHO, PORT_AFTER_EOF, PORT_SINK, PORT_SOURCE, PORT_HTTP] {
         let l = TcpListener::bind(any(port)).await?;
@@ -115,26 +130,57 @@ async fn send_pattern(s: &mut TcpStream, key: u64, len: u64) -> std::io::Result<
     Ok(())
 }
 
-/// `GET /SIZE/KEY HTTP/1.0`: a body of SIZE pattern bytes.
-async fn http(mut s: TcpStream) -> std::io::Result<()> {
+/// The request head of a connection (`None`: EOF or too long first).
+async fn read_head(s: &mut TcpStream) -> std::io::Result<Option<String>> {
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = s.read(&mut buf).await?;
         if n == 0 || req.len() > 8192 {
-            return Ok(());
+            return Ok(None);
         }
         req.extend_from_slice(&buf[..n]);
     }
-    let line = String::from_utf8_lossy(&req);
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    Ok(Some(String::from_utf8_lossy(&req).into_owned()))
+}
+
+/// An HTTP proxy that answers as the origin (`works`: `GET http://HOST/SIZE/KEY` gets the
+/// body `http` would send; a request not in absolute form gets 400), or that closes
+/// after the head (`reset`).
+async fn proxy_conn(mut s: TcpStream, b: ProxyBehaviour) -> std::io::Result<()> {
+    let Some(head) = read_head(&mut s).await? else {
+        return Ok(());
+    };
+    if b == ProxyBehaviour::Reset {
+        return Ok(());
+    }
+    let target = head.split_whitespace().nth(1).unwrap_or("");
+    let Some(rest) = target.strip_prefix("http://") else {
+        s.write_all(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            .await?;
+        return shutdown(&mut s).await;
+    };
+    let path = rest.find('/').map_or("/", |i| &rest[i..]);
+    respond(&mut s, path).await
+}
+
+/// `GET /SIZE/KEY HTTP/1.0`: a body of SIZE pattern bytes.
+async fn http(mut s: TcpStream) -> std::io::Result<()> {
+    let Some(line) = read_head(&mut s).await? else {
+        return Ok(());
+    };
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    respond(&mut s, &path).await
+}
+
+async fn respond(s: &mut TcpStream, path: &str) -> std::io::Result<()> {
     let mut parts = path.trim_start_matches('/').split('/');
     let size: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let key: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {size}\r\nContent-Type: application/octet-stream\r\n\r\n");
     s.write_all(head.as_bytes()).await?;
-    send_pattern(&mut s, key, size).await?;
-    shutdown(&mut s).await
+    send_pattern(s, key, size).await?;
+    shutdown(s).await
 }
 
 /// Shut down the write side once the peer's receive queue has room: turmoil parks a FIN

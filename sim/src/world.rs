@@ -345,7 +345,10 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
     for u in &sc.upstreams {
         let ip: Ipv4Addr = u.ip.parse().expect("checked");
         let dns = u.dns.map(|b| (b, u.dns_delay_ms));
-        sim.host(IpAddr::V4(ip), move || crate::upstream::serve(ip, dns));
+        let proxy = u.proxy;
+        sim.host(IpAddr::V4(ip), move || {
+            crate::upstream::serve(ip, dns, proxy)
+        });
     }
 
     // The shared world. `base` is reset when the daemon starts (inside its runtime).
@@ -552,6 +555,17 @@ async fn daemon_main(
     CURRENT.with(|c| *c.borrow_mut() = Some(Rc::downgrade(&world)));
     let mut stack = Stack::new(config, rng::stream(seed, "stack"), driver.now())
         .map_err(|e| format!("config: {e}"))?;
+    if let Some(p) = &sc.proxy {
+        let ip = sc.upstream_ip(&p.http).expect("checked");
+        stack.set_proxy(Some(usernet_core::ProxyConfig {
+            http: Some(usernet_core::proxy::Upstream {
+                addr: std::net::SocketAddr::from((ip, crate::upstream::PORT_PROXY)),
+                authorization: None,
+            }),
+            exclude: usernet_core::proxy::parse_no_proxy(&p.no_proxy).expect("checked"),
+            ..usernet_core::ProxyConfig::default()
+        }));
+    }
     let daemon_notify = Rc::new(Notify::new());
     let control = Rc::new(Notify::new());
     let guest_notify: Vec<Rc<Notify>> = macs.iter().map(|_| Rc::new(Notify::new())).collect();
@@ -877,6 +891,11 @@ fn check_job(
             ) => None,
             (Outcome::Reset { .. } | Outcome::Truncated { .. }, Expect::Clean) => None,
             (Outcome::Servfail { .. }, Expect::Servfail | Expect::Clean) => None,
+            (Outcome::HttpError { status, .. }, Expect::HttpError | Expect::Clean)
+                if (500..600).contains(status) =>
+            {
+                None
+            }
             (o, e) => Some(format!("expected {e:?}, got {o:?}")),
         };
         if let Some(p) = problem {
@@ -973,6 +992,9 @@ fn summary_job(s: &mut String, ji: usize, job: &crate::scenario::Job, outs: &[Ou
             Outcome::Reset { .. } => "reset",
             Outcome::Truncated { .. } => "truncated",
             Outcome::Servfail { .. } => "servfail",
+            Outcome::HttpError { status: 502, .. } => "http_502",
+            Outcome::HttpError { status: 504, .. } => "http_504",
+            Outcome::HttpError { .. } => "http_error",
             Outcome::Corrupt(_) => "CORRUPT",
             Outcome::Timeout { .. } => "TIMEOUT",
         };
