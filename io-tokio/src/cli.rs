@@ -555,9 +555,7 @@ impl Command {
             Command::Stream { .. }
             | Command::Serve { .. }
             | Command::Vpnkit { .. }
-            | Command::Guest(_) => {
-                DEFAULT_VM_MTU
-            }
+            | Command::Guest(_) => DEFAULT_VM_MTU,
         }
     }
 }
