@@ -526,6 +526,83 @@ mod tests {
         }
     }
 
+    /// One poll of `recv` without waiting (records ports that cannot write).
+    async fn poke(sw: &mut VirtualSwitch) {
+        poll_fn(|cx| {
+            let _ = sw.poll_recv(cx);
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_reads_nothing_holds_only_its_own_frames_then_nobody() {
+        let (tx, mut sw) = VirtualSwitch::channel(SwitchConfig::new(GW));
+        let a_mac = [2, 0, 0, 0, 0, 0xa];
+        let b_mac = [2, 0, 0, 0, 0, 0xb];
+        let (a_sw, mut a) = UnixStream::pair().unwrap();
+        let (b_sw, mut b) = UnixStream::pair().unwrap();
+        for s in [a_sw, b_sw] {
+            tx.send(NewPort {
+                port: Box::new(FramedPort::new(s, Framing::U16Le)),
+                label: "x".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let mut to_gw = Vec::new();
+        a.write_all(&u16le(&frame(GW, a_mac, 1))).await.unwrap();
+        b.write_all(&u16le(&frame(GW, b_mac, 1))).await.unwrap();
+        while to_gw.len() < 2 {
+            turn(&mut sw, &mut to_gw).await;
+        }
+        // A never reads: the stack's frames for A pile up in A's queue only.
+        let mut fa = frame(a_mac, GW, 2);
+        fa.resize(1500, 2);
+        let mut fb = frame(b_mac, GW, 3);
+        fb.resize(1500, 3);
+        let high = 256 * 1024;
+        for _ in 0..10_000 {
+            if sw.pending_for(&fa) >= high {
+                break;
+            }
+            sw.send_frame(&fa).unwrap();
+            sw.flush().await.unwrap();
+        }
+        assert!(sw.pending_for(&fa) >= high, "A's queue fills");
+        assert_eq!(sw.pending_for(&fb), 0, "B is not held back by A");
+        sw.send_frame(&fb).unwrap();
+        sw.flush().await.unwrap();
+        assert_eq!(read_frame(&mut b).await, fb);
+        // A writes nothing for STALL: it stops holding the core; past its cap its frames
+        // are dropped and counted.
+        poke(&mut sw).await;
+        tokio::time::advance(STALL).await;
+        poke(&mut sw).await;
+        assert_eq!(sw.pending_for(&fa), 0);
+        for _ in 0..2000 {
+            sw.send_frame(&fa).unwrap();
+        }
+        assert!(sw.slots[0].port.pending() <= PORT_TX_CAP + 1502);
+        let ga = &sw.guests()[0];
+        assert!(ga.stats.tx_dropped > 0, "{:?}", ga.stats);
+        // A reads again: everything queued for it arrives and it is no longer stalled.
+        let total = ga.stats.tx_frames;
+        let mut reader = tokio::spawn(async move {
+            for _ in 0..total {
+                let _ = read_frame(&mut a).await;
+            }
+        });
+        loop {
+            tokio::select! {
+                r = &mut reader => break r.unwrap(),
+                _ = turn(&mut sw, &mut to_gw) => {}
+            }
+        }
+        assert_eq!(sw.slots[0].port.pending(), 0);
+        assert!(sw.slots[0].blocked_since.is_none());
+    }
+
     #[tokio::test]
     async fn a_protocol_error_drops_that_guest_only() {
         let (tx, mut sw) = VirtualSwitch::channel(SwitchConfig::new(GW));
