@@ -12,7 +12,7 @@
 //! it are queued up to [`PORT_TX_CAP`] and then dropped (counted), as a switch drops at a
 //! full egress queue.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -257,8 +257,6 @@ impl VirtualSwitch {
         self.slots.iter().position(|s| s.id == id)
     }
 }
-
-use std::future::Future;
 
 impl FrameTransport for VirtualSwitch {
     async fn recv(&mut self) -> io::Result<bool> {
