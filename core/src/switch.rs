@@ -197,6 +197,16 @@ impl Switch {
             .map(|e| e.port)
     }
 
+    /// The guest port a frame's unicast destination was learnt on, without learning or
+    /// counting anything (to check the destination can take it before switching).
+    pub fn destination(&self, now: Instant, frame: &[u8]) -> Option<PortId> {
+        let dst: [u8; 6] = frame.get(0..6)?.try_into().ok()?;
+        if is_multicast(&dst) || dst == self.config.gateway_mac {
+            return None;
+        }
+        self.lookup(now, &dst)
+    }
+
     /// A frame from guest `port`: learn its source, count it, say where it goes.
     pub fn from_guest(&mut self, now: Instant, port: PortId, frame: &[u8]) -> Verdict {
         let Some(stats) = self.ports.get_mut(&port) else {
@@ -341,6 +351,10 @@ mod tests {
         // B answers: A was learnt on p1, so the reply goes there only (layer 2, no stack).
         assert_eq!(s.from_guest(t(0), p2, &frame(A, B)), Verdict::Port(p1));
         assert_eq!(s.from_guest(t(0), p1, &frame(B, A)), Verdict::Port(p2));
+        assert_eq!(s.destination(t(0), &frame(B, A)), Some(p2));
+        assert_eq!(s.destination(t(0), &frame(GW, A)), None);
+        assert_eq!(s.destination(t(0), &frame(C, A)), None);
+        assert_eq!(s.destination(t(0), &[0u8; 3]), None);
         assert_eq!(s.from_gateway(t(0), &frame(B, GW)), Verdict::Port(p2));
         assert_eq!(
             s.from_gateway(t(0), &frame(C, GW)),

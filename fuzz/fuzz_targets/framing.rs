@@ -50,8 +50,10 @@ fuzz_target!(|input: Input| {
                     n += 1;
                     let port = ports[(n % 2) as usize];
                     let now = Instant::from_millis(n as i64);
+                    let known = switch.destination(now, f);
                     if let Verdict::Port(p) = switch.from_guest(now, port, f) {
                         assert_ne!(p, port);
+                        assert_eq!(known, Some(p), "destination agrees with the switch");
                     }
                     assert!(switch.mac_count() <= 8);
                     let f = f.to_vec();

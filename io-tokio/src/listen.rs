@@ -358,7 +358,12 @@ async fn serve_vsock(
     opts: ListenOptions,
     ports: PortSender,
 ) {
+    let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let permit = match handshakes.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
         let conn = tokio::select! {
             c = listener.accept() => c,
             _ = ports.closed() => return,
@@ -368,7 +373,9 @@ async fn serve_vsock(
                 let ports = ports.clone();
                 let label = format!("vsock:{}:{}", addr.cid(), addr.port());
                 tokio::spawn(async move {
-                    if let Some(p) = make_port(conn, framing, opts, label).await {
+                    let port = make_port(conn, framing, opts, label).await;
+                    drop(permit);
+                    if let Some(p) = port {
                         let _ = ports.send(p).await;
                     }
                 });

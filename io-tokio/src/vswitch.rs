@@ -12,7 +12,7 @@
 //! it are queued up to [`PORT_TX_CAP`] and then dropped (counted), as a switch drops at a
 //! full egress queue.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -26,6 +26,9 @@ use crate::transport::{FrameTransport, GuestInfo, Port};
 
 /// Bytes queued towards one guest beyond which its frames are dropped.
 pub const PORT_TX_CAP: usize = 1024 * 1024;
+/// Bytes queued towards one guest beyond which another guest's unicast to it waits in
+/// the sender's buffer (the sender's reads stop: backpressure between guests).
+pub const PORT_HIGH: usize = 256 * 1024;
 /// A port with queued bytes that wrote nothing for this long no longer holds the core.
 pub const STALL: Duration = Duration::from_secs(2);
 
@@ -44,6 +47,8 @@ struct Slot {
     label: String,
     /// Frames are buffered in the port.
     readable: bool,
+    /// Its next frame waits for a full destination port.
+    held: bool,
     /// Written since the last complete flush: the port may still hold bytes of its own
     /// (stdout's line buffer) even when its queue is empty.
     dirty: bool,
@@ -113,6 +118,7 @@ impl VirtualSwitch {
             port: new.port,
             label: new.label,
             readable: false,
+            held: false,
             dirty: false,
             blocked_since: None,
         });
@@ -206,7 +212,7 @@ impl VirtualSwitch {
             }
             let slot = &mut self.slots[i];
             if slot.readable {
-                ready = true;
+                ready |= !slot.held;
             } else {
                 match slot.port.poll_recv(cx) {
                     Poll::Ready(Ok(true)) => {
@@ -219,8 +225,13 @@ impl VirtualSwitch {
                         continue;
                     }
                     Poll::Ready(Err(e)) => {
-                        tracing::warn!(label = %slot.label, "protocol error: {e}; dropping the guest");
-                        self.remove(i, "protocol error");
+                        let why = if e.kind() == io::ErrorKind::InvalidData {
+                            tracing::warn!(label = %slot.label, "protocol error: {e}; dropping the guest");
+                            "protocol error".to_string()
+                        } else {
+                            format!("read error: {e}")
+                        };
+                        self.remove(i, &why);
                         ready = true;
                         continue;
                     }
@@ -229,16 +240,20 @@ impl VirtualSwitch {
             }
             i += 1;
         }
-        if ready {
-            return Poll::Ready(Ok(true));
-        }
         if let Some(at) = stall_at {
             if self.stall_timer.deadline() != at {
                 self.stall_timer.as_mut().reset(at);
             }
             if self.stall_timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(true));
+                ready = true;
             }
+        }
+        if ready {
+            // Whatever moved may have made room for held frames: try them again.
+            for s in &mut self.slots {
+                s.held = false;
+            }
+            return Poll::Ready(Ok(true));
         }
         if self.incoming.is_none() && self.slots.is_empty() {
             return Poll::Ready(Ok(false));
@@ -257,8 +272,6 @@ impl VirtualSwitch {
         self.slots.iter().position(|s| s.id == id)
     }
 }
-
-use std::future::Future;
 
 impl FrameTransport for VirtualSwitch {
     async fn recv(&mut self) -> io::Result<bool> {
@@ -285,6 +298,22 @@ impl FrameTransport for VirtualSwitch {
                 self.cur += 1;
                 continue;
             };
+            // A unicast to a guest that is behind waits in the sender's buffer (and the
+            // sender's reads with it) rather than being dropped at the receiver's cap.
+            if let Some(q) = self.core.destination(now, frame).filter(|q| *q != slot.id) {
+                let behind = before
+                    .iter()
+                    .chain(after.iter())
+                    .find(|s| s.id == q)
+                    .is_some_and(|d| {
+                        d.port.pending() >= PORT_HIGH && !d.stalled(tokio::time::Instant::now())
+                    });
+                if behind {
+                    slot.held = true;
+                    self.cur += 1;
+                    continue;
+                }
+            }
             let to_gateway = match self.core.from_guest(now, slot.id, frame) {
                 Verdict::Gateway => true,
                 Verdict::Port(q) => {
@@ -524,6 +553,148 @@ mod tests {
             }
             while sw.next_frame().is_some() {}
         }
+    }
+
+    /// One poll of `recv` without waiting (records ports that cannot write).
+    async fn poke(sw: &mut VirtualSwitch) {
+        poll_fn(|cx| {
+            let _ = sw.poll_recv(cx);
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_reads_nothing_holds_only_its_own_frames_then_nobody() {
+        let (tx, mut sw) = VirtualSwitch::channel(SwitchConfig::new(GW));
+        let a_mac = [2, 0, 0, 0, 0, 0xa];
+        let b_mac = [2, 0, 0, 0, 0, 0xb];
+        let (a_sw, mut a) = UnixStream::pair().unwrap();
+        let (b_sw, mut b) = UnixStream::pair().unwrap();
+        for s in [a_sw, b_sw] {
+            tx.send(NewPort {
+                port: Box::new(FramedPort::new(s, Framing::U16Le)),
+                label: "x".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let mut to_gw = Vec::new();
+        a.write_all(&u16le(&frame(GW, a_mac, 1))).await.unwrap();
+        b.write_all(&u16le(&frame(GW, b_mac, 1))).await.unwrap();
+        while to_gw.len() < 2 {
+            turn(&mut sw, &mut to_gw).await;
+        }
+        // A never reads: the stack's frames for A pile up in A's queue only.
+        let mut fa = frame(a_mac, GW, 2);
+        fa.resize(1500, 2);
+        let mut fb = frame(b_mac, GW, 3);
+        fb.resize(1500, 3);
+        let high = 256 * 1024;
+        for _ in 0..10_000 {
+            if sw.pending_for(&fa) >= high {
+                break;
+            }
+            sw.send_frame(&fa).unwrap();
+            sw.flush().await.unwrap();
+        }
+        assert!(sw.pending_for(&fa) >= high, "A's queue fills");
+        assert_eq!(sw.pending_for(&fb), 0, "B is not held back by A");
+        sw.send_frame(&fb).unwrap();
+        sw.flush().await.unwrap();
+        assert_eq!(read_frame(&mut b).await, fb);
+        // A writes nothing for STALL: it stops holding the core; past its cap its frames
+        // are dropped and counted.
+        poke(&mut sw).await;
+        tokio::time::advance(STALL).await;
+        poke(&mut sw).await;
+        assert_eq!(sw.pending_for(&fa), 0);
+        for _ in 0..2000 {
+            sw.send_frame(&fa).unwrap();
+        }
+        assert!(sw.slots[0].port.pending() <= PORT_TX_CAP + 1502);
+        let ga = &sw.guests()[0];
+        assert!(ga.stats.tx_dropped > 0, "{:?}", ga.stats);
+        // A reads again: everything queued for it arrives and it is no longer stalled.
+        let total = ga.stats.tx_frames;
+        let mut reader = tokio::spawn(async move {
+            for _ in 0..total {
+                let _ = read_frame(&mut a).await;
+            }
+        });
+        loop {
+            tokio::select! {
+                r = &mut reader => break r.unwrap(),
+                _ = turn(&mut sw, &mut to_gw) => {}
+            }
+        }
+        assert_eq!(sw.slots[0].port.pending(), 0);
+        assert!(sw.slots[0].blocked_since.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_guest_sending_faster_than_another_reads_is_held_back_not_dropped() {
+        let (tx, mut sw) = VirtualSwitch::channel(SwitchConfig::new(GW));
+        let a_mac = [2, 0, 0, 0, 0, 0xa];
+        let b_mac = [2, 0, 0, 0, 0, 0xb];
+        let (a_sw, mut a) = UnixStream::pair().unwrap();
+        let (b_sw, mut b) = UnixStream::pair().unwrap();
+        for s in [a_sw, b_sw] {
+            tx.send(NewPort {
+                port: Box::new(FramedPort::new(s, Framing::U16Le)),
+                label: "x".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let mut to_gw = Vec::new();
+        a.write_all(&u16le(&frame(GW, a_mac, 1))).await.unwrap();
+        b.write_all(&u16le(&frame(GW, b_mac, 1))).await.unwrap();
+        while to_gw.len() < 2 {
+            turn(&mut sw, &mut to_gw).await;
+        }
+        // 2000 numbered frames (3 MB, three times the receiver's cap) from A to B.
+        const N: u32 = 2000;
+        let writer = tokio::spawn(async move {
+            for i in 0..N {
+                let mut f = frame(b_mac, a_mac, 0);
+                f.resize(1500, 0);
+                f[14..18].copy_from_slice(&i.to_be_bytes());
+                a.write_all(&u16le(&f)).await.unwrap();
+            }
+            a
+        });
+        // B reads nothing yet: A ends up held, nothing is dropped.
+        let mut turns = 0;
+        while !sw.slots[0].held {
+            turns += 1;
+            assert!(turns < 100_000, "A never held");
+            turn(&mut sw, &mut to_gw).await;
+        }
+        assert!(sw.slots[1].port.pending() >= PORT_HIGH);
+        assert_eq!(sw.guests()[1].stats.tx_dropped, 0);
+        // B reads: every frame arrives, in order.
+        let mut reader = tokio::spawn(async move {
+            for i in 0..N {
+                let f = read_frame(&mut b).await;
+                assert_eq!(f[14..18], i.to_be_bytes());
+            }
+        });
+        loop {
+            tokio::select! {
+                r = &mut reader => break r.unwrap(),
+                _ = turn(&mut sw, &mut to_gw) => {}
+            }
+        }
+        let _a = writer.await.unwrap();
+        let g = sw.guests();
+        assert_eq!(g[1].stats.tx_frames, u64::from(N));
+        assert_eq!(g[1].stats.tx_dropped, 0);
+        assert_eq!(
+            g[0].stats.rx_frames,
+            u64::from(N) + 1,
+            "each frame counted once"
+        );
     }
 
     #[tokio::test]

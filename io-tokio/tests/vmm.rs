@@ -658,3 +658,95 @@ fn stdio_guest_gets_a_lease_and_eof_stops_the_daemon() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// Two network namespaces, each a guest on its own connection to one daemon (their TAPs
+/// relayed over u16 LE streams): they ping each other and talk TCP at layer 2, the
+/// gateway uninvolved, while each still reaches the gateway.
+#[test]
+fn two_namespaces_on_one_switch_ping_and_tcp_each_other() {
+    if skip() {
+        return;
+    }
+    let host = Netns::new("unvmm-h");
+    let dir = Dir::new();
+    let sock = dir.path("sw.sock");
+    let mut d = Daemon::spawn(
+        &host,
+        &[
+            "serve".into(),
+            "--no-dns".into(),
+            "--listen".into(),
+            format!("unix:{},framing=u16le", sock.display()),
+        ],
+    );
+    wait_for(&sock, &mut d);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let mut guests = Vec::new();
+    let mut conns = Vec::new();
+    for (i, ip) in ["192.168.65.3", "192.168.65.4"].into_iter().enumerate() {
+        let g = Netns::new("unvmm-g");
+        g.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        let mac = format!("02:00:00:00:01:0{i}");
+        g.ip(&["link", "set", "tap0", "address", &mac, "mtu", "1500", "up"]);
+        g.ip(&["addr", "add", &format!("{ip}/24"), "dev", "tap0"]);
+        g.ip(&["route", "add", "default", "via", "192.168.65.1"]);
+        let tap = usernet::tap::open_tap(Some(&g.path()), "tap0").unwrap();
+        let c = UnixStream::connect(&sock).unwrap();
+        threads.extend(relay(tap, c.try_clone().unwrap(), stop.clone()));
+        conns.push(c);
+        guests.push(g);
+    }
+    let (a, b) = (&guests[0], &guests[1]);
+    let out = run_ok(
+        a.cmd("busybox")
+            .args(["ping", "-c", "2", "-W", "5", "192.168.65.4"]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 packets received"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Both still reach the gateway (ARP and ping answered by the stack).
+    run_ok(
+        b.cmd("busybox")
+            .args(["ping", "-c", "1", "-W", "5", "192.168.65.1"]),
+        Duration::from_secs(30),
+    );
+    // TCP from A to a server in B, bytes both ways.
+    let listener = b.run(T, || std::net::TcpListener::bind("192.168.65.4:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        peer
+    });
+    let echoed = a.run(Duration::from_secs(30), move || {
+        let mut s = std::net::TcpStream::connect(("192.168.65.4", port)).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        s.write_all(&data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        s.read_exact(&mut back).unwrap();
+        back == data
+    });
+    assert!(echoed);
+    let peer = join_timeout(server, T, "tcp server");
+    assert_eq!(
+        peer.ip().to_string(),
+        "192.168.65.3",
+        "no NAT between guests"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in &conns {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+    for t in threads {
+        join_timeout(t, T, "relay");
+    }
+    d.assert_alive();
+}
