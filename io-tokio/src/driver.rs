@@ -359,6 +359,12 @@ impl<N: HostNet> Driver<N> {
         self.pcap = Some(pcap);
     }
 
+    /// The capture set with [`Driver::set_pcap`], for a transport that carries frames
+    /// the driver never sees (the switch between guests).
+    pub fn pcap(&self) -> Option<&crate::pcap::Pcap> {
+        self.pcap.as_ref()
+    }
+
     /// Serve control API requests arriving on `rx` (see [`crate::api::serve`]).
     pub fn set_control(&mut self, rx: mpsc::Receiver<Control>) {
         self.control = Some(rx);

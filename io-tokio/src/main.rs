@@ -250,6 +250,9 @@ async fn serve_switch(
     // and no guest is left (a lone stdio guest closing its end stops the daemon).
     drop(ports);
     let (driver, _api) = new_driver(net, None).await?;
+    if let Some(p) = driver.pcap() {
+        switch.set_pcap(p.clone());
+    }
     serve_transport(driver, config, seed, &mut switch, terminated()).await
 }
 

@@ -210,11 +210,17 @@ impl<W: Write> PcapWriter<W> {
     }
 }
 
-/// A capture to a file. Its flusher task holds only a weak reference: dropping the
-/// `Pcap` ends the capture.
-#[derive(Debug)]
+/// A capture to a file, shared by whoever records frames (the driver and, on a switch of
+/// several guests, the switch for the frames it carries between them). Its flusher task
+/// holds only a weak reference: dropping the last handle ends the capture.
+#[derive(Clone, Debug)]
 pub struct Pcap {
-    inner: Arc<Mutex<PcapWriter<File>>>,
+    inner: Arc<Capture>,
+}
+
+#[derive(Debug)]
+struct Capture {
+    writer: Mutex<PcapWriter<File>>,
     path: PathBuf,
 }
 
@@ -244,14 +250,16 @@ impl Pcap {
             })?;
         let w = PcapWriter::new(f, snaplen, max_bytes)?;
         Ok(Pcap {
-            inner: Arc::new(Mutex::new(w)),
-            path: path.to_owned(),
+            inner: Arc::new(Capture {
+                writer: Mutex::new(w),
+                path: path.to_owned(),
+            }),
         })
     }
 
     /// Flush once a second while the capture exists (a task on the current runtime).
     pub fn spawn_flusher(&self) {
-        let weak: Weak<Mutex<PcapWriter<File>>> = Arc::downgrade(&self.inner);
+        let weak: Weak<Capture> = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(FLUSH_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -260,7 +268,7 @@ impl Pcap {
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
-                if let Ok(mut w) = inner.lock() {
+                if let Ok(mut w) = inner.writer.lock() {
                     w.flush();
                 };
             }
@@ -269,30 +277,38 @@ impl Pcap {
 
     /// Record one frame (system clock).
     pub fn record(&self, frame: &[u8]) {
-        if let Ok(mut w) = self.inner.lock() {
+        if let Ok(mut w) = self.inner.writer.lock() {
             w.record(frame);
         }
     }
 
     /// Write out buffered records.
     pub fn flush(&self) {
-        if let Ok(mut w) = self.inner.lock() {
+        if let Ok(mut w) = self.inner.writer.lock() {
             w.flush();
         }
     }
 
     pub fn stats(&self) -> PcapStats {
-        self.inner.lock().map(|w| w.stats()).unwrap_or_default()
+        self.inner.stats()
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 }
 
-impl Drop for Pcap {
+impl Capture {
+    fn stats(&self) -> PcapStats {
+        self.writer.lock().map(|w| w.stats()).unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
     fn drop(&mut self) {
-        self.flush();
+        if let Ok(w) = self.writer.get_mut() {
+            w.flush();
+        }
         let s = self.stats();
         tracing::info!(path = %self.path.display(), frames = s.frames, bytes = s.bytes,
             skipped = s.skipped, "pcap capture closed");

@@ -77,6 +77,8 @@ pub struct VirtualSwitch {
     stall_timer: Pin<Box<tokio::time::Sleep>>,
     /// Ports refused because the switch was full.
     pub refused: u64,
+    /// `--pcap`: frames carried between guests (the driver records the gateway's).
+    pcap: Option<crate::pcap::Pcap>,
 }
 
 impl VirtualSwitch {
@@ -92,7 +94,13 @@ impl VirtualSwitch {
             handed: None,
             stall_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             refused: 0,
+            pcap: None,
         }
+    }
+
+    /// Record the frames this switch carries from guest to guest in `pcap`.
+    pub fn set_pcap(&mut self, pcap: crate::pcap::Pcap) {
+        self.pcap = Some(pcap);
     }
 
     /// A channel for listener tasks and the switch taking its ports.
@@ -317,6 +325,10 @@ impl FrameTransport for VirtualSwitch {
             let to_gateway = match self.core.from_guest(now, slot.id, frame) {
                 Verdict::Gateway => true,
                 Verdict::Port(q) => {
+                    // The driver records what reaches the gateway; this frame never does.
+                    if let Some(p) = &self.pcap {
+                        p.record(frame);
+                    }
                     if let Some(dst) = before
                         .iter_mut()
                         .chain(after.iter_mut())
@@ -327,6 +339,9 @@ impl FrameTransport for VirtualSwitch {
                     false
                 }
                 Verdict::Flood { gateway } => {
+                    if let (false, Some(p)) = (gateway, &self.pcap) {
+                        p.record(frame);
+                    }
                     for dst in before.iter_mut().chain(after.iter_mut()) {
                         Self::queue(&mut self.core, dst, frame);
                     }

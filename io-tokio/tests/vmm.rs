@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -670,11 +671,14 @@ fn two_namespaces_on_one_switch_ping_and_tcp_each_other() {
     let host = Netns::new("unvmm-h");
     let dir = Dir::new();
     let sock = dir.path("sw.sock");
+    let pcap = dir.path("sw.pcap");
     let mut d = Daemon::spawn(
         &host,
         &[
             "serve".into(),
             "--no-dns".into(),
+            "--pcap".into(),
+            pcap.display().to_string(),
             "--listen".into(),
             format!("unix:{},framing=u16le", sock.display()),
         ],
@@ -749,4 +753,22 @@ fn two_namespaces_on_one_switch_ping_and_tcp_each_other() {
         join_timeout(t, T, "relay");
     }
     d.assert_alive();
+    // The capture holds the frames switched between the guests (which never reach the
+    // stack) as well as the gateway's.
+    d.stop();
+    if Command::new("tcpdump").arg("--version").output().is_ok() {
+        let out = run_ok(
+            Command::new("tcpdump").args(["-r", pcap.to_str().unwrap(), "-nn"]),
+            T,
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        for want in [
+            "192.168.65.3 > 192.168.65.4: ICMP echo request",
+            "192.168.65.4 > 192.168.65.3: ICMP echo reply",
+            "192.168.65.4 > 192.168.65.1: ICMP echo request",
+            "192.168.65.1 > 192.168.65.4: ICMP echo reply",
+        ] {
+            assert!(text.contains(want), "no {want:?} in the capture:\n{text}");
+        }
+    }
 }
