@@ -253,6 +253,49 @@ pub struct DnsStats {
     pub cancelled: u64,
 }
 
+impl DnsStats {
+    /// Every counter with its name, in declaration order (for the control API).
+    pub fn fields(&self) -> [(&'static str, u64); 35] {
+        [
+            ("queries", self.queries),
+            ("queries_tcp", self.queries_tcp),
+            ("answered_static", self.answered_static),
+            ("answered_system", self.answered_system),
+            ("cache_hits", self.cache_hits),
+            ("cache_misses", self.cache_misses),
+            ("cache_inserts", self.cache_inserts),
+            ("cache_evictions", self.cache_evictions),
+            ("forwarded", self.forwarded),
+            ("upstream_sent", self.upstream_sent),
+            ("retransmits", self.retransmits),
+            ("upstream_received", self.upstream_received),
+            ("upstream_good", self.upstream_good),
+            ("upstream_errors", self.upstream_errors),
+            ("upstream_timeouts", self.upstream_timeouts),
+            ("servers_marked_down", self.servers_marked_down),
+            ("servers_recovered", self.servers_recovered),
+            ("resolve_requests", self.resolve_requests),
+            ("stale_resolves", self.stale_resolves),
+            ("servfail_sent", self.servfail_sent),
+            ("formerr_sent", self.formerr_sent),
+            ("notimp_sent", self.notimp_sent),
+            ("truncated", self.truncated),
+            ("malformed", self.malformed),
+            ("upstream_malformed", self.upstream_malformed),
+            ("dropped_not_query", self.dropped_not_query),
+            ("dropped_mismatch", self.dropped_mismatch),
+            ("dropped_wrong_source", self.dropped_wrong_source),
+            ("dropped_unknown_id", self.dropped_unknown_id),
+            ("dropped_duplicate", self.dropped_duplicate),
+            ("inflight_limited", self.inflight_limited),
+            ("no_upstream", self.no_upstream),
+            ("outputs_dropped", self.outputs_dropped),
+            ("ids_exhausted", self.ids_exhausted),
+            ("cancelled", self.cancelled),
+        ]
+    }
+}
+
 /// Sends per guest query at most (first round, retransmits and probes together).
 const MAX_SENDS_PER_QUERY: usize = 32;
 /// Outputs queued at most; the caller drains them after every call.

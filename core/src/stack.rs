@@ -39,6 +39,14 @@ use crate::proxy::ProxyConfig;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowId(pub u64);
 
+/// One guest's open flows, by protocol ([`Stack::flows_by_guest`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestFlows {
+    pub tcp: usize,
+    pub udp: usize,
+    pub ping: usize,
+}
+
 impl fmt::Display for FlowId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
@@ -1605,6 +1613,27 @@ impl Stack {
 
     pub fn ping_flow_count(&self) -> usize {
         self.pings.len()
+    }
+
+    /// Open flows per guest, by the MAC address its flows' source address was last seen
+    /// at, and protocol (the gateway's own DNS flows are not a guest's and are left out).
+    pub fn flows_by_guest(&self) -> BTreeMap<[u8; 6], GuestFlows> {
+        let mut m: BTreeMap<[u8; 6], GuestFlows> = BTreeMap::new();
+        let mut count = |ip: Ipv4Addr, f: fn(&mut GuestFlows)| {
+            if let Some(mac) = self.neighbors.get(ip) {
+                f(m.entry(mac).or_default());
+            }
+        };
+        for fl in self.tcp.values() {
+            count(*fl.key.guest.ip(), |g| g.tcp += 1);
+        }
+        for fl in self.udp.values().filter(|f| !f.dns_internal) {
+            count(*fl.guest.ip(), |g| g.udp += 1);
+        }
+        for fl in self.pings.values() {
+            count(fl.key.guest, |g| g.ping += 1);
+        }
+        m
     }
 
     /// No flow of any kind, no frame and no command waiting.

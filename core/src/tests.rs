@@ -7,6 +7,7 @@ use rand_chacha::rand_core::SeedableRng;
 use smoltcp::wire::{checksum, IpProtocol};
 
 use crate::device::{ETHERTYPE_ARP, ETHERTYPE_IPV4, ETH_HDR};
+use crate::stack::GuestFlows;
 use crate::wire::{self, IcmpEcho, Ipv4, TcpPorts, Udp};
 use crate::{Config, DropReason, FlowId, HostCommand, Instant, Rng, Stack};
 
@@ -1339,3 +1340,42 @@ fn frames_for_an_unknown_guest_wait_for_its_arp_reply() {
 
 #[path = "tests_proxy.rs"]
 mod proxy;
+
+#[test]
+fn flows_are_counted_per_guest_and_protocol() {
+    let mut s = stack();
+    let mut now = 0;
+    established(&mut s, &mut now);
+    let dst = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 7);
+    // A second guest: another MAC and address on the same link.
+    let other_mac = [0x02, 0, 0, 0, 0, 0x09];
+    let other = SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 9), 5000);
+    let mut from_other = udp_frame(other, dst, b"x");
+    from_other[6..12].copy_from_slice(&other_mac);
+    for f in [
+        udp_frame(SocketAddrV4::new(guest_ip(), 5000), dst, b"x"),
+        udp_frame(SocketAddrV4::new(guest_ip(), 5001), dst, b"x"),
+        from_other,
+    ] {
+        s.handle_frame(t(now), &f);
+    }
+    s.poll(t(now));
+    let m = s.flows_by_guest();
+    assert_eq!(
+        m.get(&GUEST_MAC),
+        Some(&GuestFlows {
+            tcp: 1,
+            udp: 2,
+            ping: 0
+        })
+    );
+    assert_eq!(
+        m.get(&other_mac),
+        Some(&GuestFlows {
+            tcp: 0,
+            udp: 1,
+            ping: 0
+        })
+    );
+    assert_eq!(m.len(), 2);
+}

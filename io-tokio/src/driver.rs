@@ -19,7 +19,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use usernet_core::dns::ResolveError;
-use usernet_core::stack::ResolveRequest;
+use usernet_core::stack::{GuestFlows, ResolveRequest};
 use usernet_core::{ConnectError, FlowId, HostCommand, Instant, ProxyConfig, Stack};
 
 use crate::api::{Control, Reply, Request};
@@ -1239,6 +1239,12 @@ impl<N: HostNet> Driver<N> {
                 "dhcp_replies": s.dhcp_replies,
                 "drops": drops,
                 "total_drops": s.total_drops(),
+                "dns": stack.dns_stats().map(|d| {
+                    d.fields()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+                        .collect::<serde_json::Map<_, _>>()
+                }),
                 "tcp_flows": stack.tcp_flow_count(),
                 "udp_flows": stack.udp_flow_count(),
                 "ping_flows": stack.ping_flow_count(),
@@ -1441,6 +1447,7 @@ fn guests_json(stack: &Stack, guests: &[GuestInfo]) -> serde_json::Value {
             .collect::<Vec<_>>()
             .join(":")
     };
+    let by_guest = stack.flows_by_guest();
     serde_json::Value::Array(
         guests
             .iter()
@@ -1451,7 +1458,16 @@ fn guests_json(stack: &Stack, guests: &[GuestInfo]) -> serde_json::Value {
                     .map(|(_, ip)| ip.to_string())
                     .collect();
                 let s = &g.stats;
+                let flows = g.macs.iter().filter_map(|mac| by_guest.get(mac)).fold(
+                    GuestFlows::default(),
+                    |a, f| GuestFlows {
+                        tcp: a.tcp + f.tcp,
+                        udp: a.udp + f.udp,
+                        ping: a.ping + f.ping,
+                    },
+                );
                 serde_json::json!({
+                    "flows": {"tcp": flows.tcp, "udp": flows.udp, "ping": flows.ping},
                     "port": g.port,
                     "label": g.label,
                     "macs": g.macs.iter().map(mac_str).collect::<Vec<_>>(),
@@ -1668,5 +1684,45 @@ mod tests {
         );
         assert!(d.unexpose(free_addr, Protocol::Tcp).is_err());
         assert!(d.list().is_empty());
+    }
+
+    #[test]
+    fn stats_count_dns_queries_and_omit_dns_when_it_is_off() {
+        use rand_chacha::rand_core::SeedableRng;
+        let driver = Driver::new(TokioNet);
+        let off = stack();
+        assert!(driver.stats_json(&off)["core"]["dns"].is_null());
+
+        let mut c = Config::for_subnet("192.168.65.0/24".parse().unwrap());
+        c.dns = Some(usernet_core::dns::DnsConfig::new(
+            c.gateway.into(),
+            c.host_alias.map(Into::into),
+        ));
+        let mut s = Stack::new(c, Rng::seed_from_u64(1), Instant::from_micros(0)).unwrap();
+        // A query for the gateway's own static name, from a guest.
+        let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["host", "usernet", "internal"] {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let mut f = vec![0u8; 14 + 28 + q.len()];
+        f[0..6].copy_from_slice(&s.config().gateway_mac);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        usernet_core::wire::emit_udp(
+            &mut f[14..],
+            "192.168.65.3".parse().unwrap(),
+            40000,
+            "192.168.65.1".parse().unwrap(),
+            53,
+            &q,
+            1,
+        );
+        s.handle_frame(Instant::from_micros(0), &f);
+        s.poll(Instant::from_micros(0));
+        let v = driver.stats_json(&s);
+        assert_eq!(v["core"]["dns"]["queries"], 1, "{v}");
+        assert_eq!(v["core"]["dns"]["answered_static"], 1, "{v}");
     }
 }

@@ -672,6 +672,7 @@ fn two_namespaces_on_one_switch_ping_and_tcp_each_other() {
     let dir = Dir::new();
     let sock = dir.path("sw.sock");
     let pcap = dir.path("sw.pcap");
+    let api = dir.path("api.sock");
     let mut d = Daemon::spawn(
         &host,
         &[
@@ -679,6 +680,8 @@ fn two_namespaces_on_one_switch_ping_and_tcp_each_other() {
             "--no-dns".into(),
             "--pcap".into(),
             pcap.display().to_string(),
+            "--api".into(),
+            api.display().to_string(),
             "--listen".into(),
             format!("unix:{},framing=u16le", sock.display()),
         ],
@@ -745,6 +748,39 @@ fn two_namespaces_on_one_switch_ping_and_tcp_each_other() {
         "192.168.65.3",
         "no NAT between guests"
     );
+    // A UDP flow from B through the gateway (to the host alias) shows up as B's alone in
+    // the per-guest counters.
+    b.run(T, || {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.send_to(b"hello", "192.168.65.2:9").unwrap();
+    });
+    let deadline = Instant::now() + T;
+    loop {
+        let out = run_ok(
+            Command::new(USERNET).args(["ctl", "--api", api.to_str().unwrap(), "stats"]),
+            T,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let flows = |mac: &str| {
+            v["guests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|g| g["macs"] == serde_json::json!([mac]))
+                .map(|g| g["flows"].clone())
+        };
+        if flows("02:00:00:00:01:01") == Some(serde_json::json!({"tcp": 0, "udp": 1, "ping": 0})) {
+            assert_eq!(
+                flows("02:00:00:00:01:00"),
+                Some(serde_json::json!({"tcp": 0, "udp": 0, "ping": 0})),
+                "{v}"
+            );
+            assert_eq!(v["core"]["udp_flows"], 1, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no UDP flow counted for B: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in &conns {
         let _ = c.shutdown(std::net::Shutdown::Both);
