@@ -632,17 +632,19 @@ mod tests {
         assert!(ga.stats.tx_dropped > 0, "{:?}", ga.stats);
         // A reads again: everything queued for it arrives and it is no longer stalled.
         let total = ga.stats.tx_frames;
+        // A's end comes back so that A stays on the switch while it is checked.
         let mut reader = tokio::spawn(async move {
             for _ in 0..total {
                 let _ = read_frame(&mut a).await;
             }
+            a
         });
-        loop {
+        let _a = loop {
             tokio::select! {
                 r = &mut reader => break r.unwrap(),
                 _ = turn(&mut sw, &mut to_gw) => {}
             }
-        }
+        };
         assert_eq!(sw.slots[0].port.pending(), 0);
         assert!(sw.slots[0].blocked_since.is_none());
     }
@@ -689,18 +691,21 @@ mod tests {
         assert!(sw.slots[1].port.pending() >= PORT_HIGH);
         assert_eq!(sw.guests()[1].stats.tx_dropped, 0);
         // B reads: every frame arrives, in order.
+        // The reader hands B's end back: were it dropped, B could leave the switch before
+        // its counters are read.
         let mut reader = tokio::spawn(async move {
             for i in 0..N {
                 let f = read_frame(&mut b).await;
                 assert_eq!(f[14..18], i.to_be_bytes());
             }
+            b
         });
-        loop {
+        let _b = loop {
             tokio::select! {
                 r = &mut reader => break r.unwrap(),
                 _ = turn(&mut sw, &mut to_gw) => {}
             }
-        }
+        };
         let _a = writer.await.unwrap();
         let g = sw.guests();
         assert_eq!(g[1].stats.tx_frames, u64::from(N));
