@@ -42,7 +42,7 @@ pub struct ProxyStats {
     pub resolves: u64,
     /// Errors by kind: malformed request (400), head too large (431), upstream refused,
     /// reset or closed before answering (502), connect timeout (504), CONNECT answered
-    /// with non-2xx, malformed chunked body, name lookup failed.
+    /// with non-2xx, malformed chunked body, name lookup failed (or timed out: 504).
     pub bad_requests: u64,
     pub heads_too_large: u64,
     pub upstream_failed: u64,

@@ -416,8 +416,22 @@ impl Stack {
             }
             Some(ip) => self.proxy_connect_named(id, SocketAddr::new(ip, port), after),
             None => {
+                // A lookup holds a pending-connect slot: lookups in flight are bounded
+                // as connects are (each is a resolver call on the host).
+                if self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects
+                {
+                    self.stats.drop(crate::DropReason::TcpPendingLimit);
+                    self.proxy_fail(id, Some((503, "too many connections in progress")));
+                    return;
+                }
+                let deadline = self.last_now + self.config.tcp.connect_timeout;
                 let Some(p) = self.proxy_mut(id) else { return };
-                p.stage = Stage::Resolving { port, after };
+                p.stage = Stage::Resolving {
+                    port,
+                    after,
+                    deadline,
+                };
+                self.proxy_connecting += 1;
                 self.stats.proxy.resolves += 1;
                 self.resolves.push_back(ResolveRequest {
                     req: PROXY_RESOLVE | id.0,
@@ -446,7 +460,10 @@ impl Stack {
     }
 
     fn proxy_connect(&mut self, id: FlowId, to: SocketAddr, after: After) {
-        if self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects {
+        // After a lookup the flow already holds its slot.
+        let held = self.proxy_mut(id).is_some_and(|p| p.holds_connect_slot());
+        if !held && self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects
+        {
             self.stats.drop(crate::DropReason::TcpPendingLimit);
             self.proxy_fail(id, Some((503, "too many connections in progress")));
             return;
@@ -454,7 +471,9 @@ impl Stack {
         let deadline = self.last_now + self.config.tcp.connect_timeout;
         let Some(p) = self.proxy_mut(id) else { return };
         p.stage = Stage::Connecting { deadline, after };
-        self.proxy_connecting += 1;
+        if !held {
+            self.proxy_connecting += 1;
+        }
         self.commands.push_back(Cmd::TcpConnect(id, to));
     }
 
@@ -572,7 +591,7 @@ impl Stack {
             p.stage,
             Stage::Sniff | Stage::Resolving { .. } | Stage::Failed
         );
-        if matches!(p.stage, Stage::Connecting { .. }) {
+        if p.holds_connect_slot() {
             self.proxy_connecting -= 1;
         }
         p.stage = Stage::Failed;
@@ -783,7 +802,7 @@ impl Stack {
         let Some(p) = self.proxy_mut(id) else {
             return;
         };
-        let Stage::Resolving { port, after } = p.stage else {
+        let Stage::Resolving { port, after, .. } = p.stage else {
             return;
         };
         let addr = result.ok().and_then(|a| {
@@ -889,7 +908,8 @@ impl Stack {
         }
     }
 
-    /// Proxied flows whose connect (or CONNECT reply) is overdue.
+    /// Proxied flows whose lookup, connect or CONNECT reply is overdue, or whose TLS
+    /// client stayed silent.
     pub(super) fn proxy_expire(&mut self, now: Instant) {
         if self.proxy_flows == 0 {
             return;
@@ -906,10 +926,19 @@ impl Stack {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
-            if matches!(self.proxy_mut(id).map(|p| p.stage), Some(Stage::Sniff)) {
-                self.stats.proxy.sniff_timeouts += 1;
-                self.route_tls(id, None);
-                continue;
+            match self.proxy_mut(id).map(|p| p.stage) {
+                Some(Stage::Sniff) => {
+                    self.stats.proxy.sniff_timeouts += 1;
+                    self.route_tls(id, None);
+                    continue;
+                }
+                Some(Stage::Resolving { .. }) => {
+                    // The host's resolver never answered: its late answer is ignored.
+                    self.stats.proxy.resolve_failed += 1;
+                    self.proxy_fail(id, Some((504, "the name lookup timed out")));
+                    continue;
+                }
+                _ => {}
             }
             // A connect that timed out counts as any failed connect; a CONNECT reply
             // that did not come only as the proxy's own error.

@@ -1256,7 +1256,7 @@ impl Stack {
             self.tcp_by_key.remove(&f.key);
             if let Some(p) = &f.proxy {
                 self.proxy_flows -= 1;
-                if matches!(p.stage, crate::proxy::flow::Stage::Connecting { .. }) {
+                if p.holds_connect_slot() {
                     self.proxy_connecting -= 1;
                 }
             }

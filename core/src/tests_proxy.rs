@@ -755,3 +755,85 @@ fn proxied_connects_count_against_the_pending_limit() {
         vec![Cmd::Connect(fourth, UPSTREAM.parse().unwrap())]
     );
 }
+
+#[test]
+fn explicit_proxy_lookups_hold_a_pending_slot_and_time_out() {
+    let mut s = Stack::new(
+        Config {
+            tcp: crate::config::TcpConfig {
+                max_pending_connects: 1,
+                ..Default::default()
+            },
+            ..Config::default()
+        },
+        Rng::seed_from_u64(7),
+        t(0),
+    )
+    .unwrap();
+    s.set_proxy(Some(ProxyConfig::default()));
+    let timeout = Config::default().tcp.connect_timeout.total_millis() as i64;
+    let get = |name: &str| format!("GET http://{name}/ HTTP/1.1\r\nHost: {name}\r\n\r\n");
+    // A lookup the host's resolver never answers.
+    let (first, mut c1) = open(&mut s, 0, explicit());
+    assert_eq!(
+        guest_sends(&mut s, 1, &mut c1, get("slow.test").as_bytes()),
+        vec![]
+    );
+    let r1 = s.poll_resolve().expect("a lookup");
+    assert_eq!(r1.name, "slow.test");
+    // It holds the only pending slot: a second lookup is refused without a resolver call.
+    let (_, mut c2) = open(&mut s, 2, explicit());
+    guest_sends(&mut s, 2, &mut c2, get("other.test").as_bytes());
+    assert!(s.poll_resolve().is_none());
+    let (got, _) = guest_reads(&mut s, 2, &mut c2);
+    assert_eq!(status_line(&got), "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(s.stats().dropped(DropReason::TcpPendingLimit), 1);
+    // The lookup's deadline is a timer; at it the guest gets 504 and the slot is free.
+    assert!(s.poll_timeout().is_some_and(|d| d <= t(1 + timeout)));
+    s.poll(t(timeout));
+    let (got, _) = guest_reads(&mut s, timeout, &mut c1);
+    assert_eq!(got, b"");
+    s.poll(t(1 + timeout));
+    let (got, fin) = guest_reads(&mut s, 1 + timeout, &mut c1);
+    assert_eq!(status_line(&got), "HTTP/1.1 504 Gateway Timeout");
+    assert!(fin, "the connection closes after the error");
+    assert_eq!(s.stats().proxy.resolve_failed, 1);
+    // The late answer changes nothing: no connect for a flow that gave up.
+    s.dns_resolved(
+        t(2 + timeout),
+        r1.req,
+        Ok(vec!["198.51.100.1".parse().unwrap()]),
+    );
+    s.poll(t(2 + timeout));
+    assert!(
+        !drain_cmds(&mut s)
+            .iter()
+            .any(|c| matches!(c, Cmd::Connect(f, _) if *f == first)),
+        "a connect after the timeout"
+    );
+    // The slot is free again: a new lookup, its answer connects (the slot carries over
+    // to the connect, not counted twice).
+    let now = 3 + timeout;
+    let (third, mut c3) = open(&mut s, now, explicit());
+    guest_sends(&mut s, now, &mut c3, get("fast.test").as_bytes());
+    let r3 = s.poll_resolve().expect("a lookup");
+    s.dns_resolved(t(now), r3.req, Ok(vec!["198.51.100.3".parse().unwrap()]));
+    s.poll(t(now));
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::Connect(third, "198.51.100.3:80".parse().unwrap())]
+    );
+    s.tcp_connected(t(now + 1), third);
+    s.poll(t(now + 1));
+    drain_cmds(&mut s);
+    let (fourth, mut c4) = open(&mut s, now + 2, explicit());
+    assert_eq!(
+        guest_sends(
+            &mut s,
+            now + 2,
+            &mut c4,
+            b"GET http://198.51.100.4/ HTTP/1.1\r\nHost: 198.51.100.4\r\n\r\n"
+        ),
+        vec![Cmd::Connect(fourth, "198.51.100.4:80".parse().unwrap())]
+    );
+}

@@ -31,8 +31,13 @@ pub(crate) enum After {
 pub(crate) enum Stage {
     /// Reading the first request head or the ClientHello; nothing is connected yet.
     Sniff,
-    /// The explicit proxy waits for the host's resolver.
-    Resolving { port: u16, after: After },
+    /// The explicit proxy waits for the host's resolver (until `deadline`: a lookup
+    /// that never ends must not hold the flow).
+    Resolving {
+        port: u16,
+        after: After,
+        deadline: Instant,
+    },
     /// The host connect runs.
     Connecting { deadline: Instant, after: After },
     /// The CONNECT went to the upstream; its reply head collects in `reply`.
@@ -99,6 +104,15 @@ impl ProxyFlow {
         }
     }
 
+    /// Whether the flow holds one of the pending-connect slots (a host connect, or the
+    /// name lookup before one).
+    pub fn holds_connect_slot(&self) -> bool {
+        matches!(
+            self.stage,
+            Stage::Connecting { .. } | Stage::Resolving { .. }
+        )
+    }
+
     pub fn out_pending(&self) -> bool {
         self.sent < self.out.len()
     }
@@ -106,7 +120,9 @@ impl ProxyFlow {
     /// The host-connect deadline, while one runs (or the CONNECT reply is awaited).
     pub fn deadline(&self) -> Option<Instant> {
         match self.stage {
-            Stage::Connecting { deadline, .. } | Stage::ConnectReply { deadline } => Some(deadline),
+            Stage::Connecting { deadline, .. }
+            | Stage::ConnectReply { deadline }
+            | Stage::Resolving { deadline, .. } => Some(deadline),
             Stage::Sniff => self.sniff_deadline,
             _ => None,
         }
