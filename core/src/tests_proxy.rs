@@ -837,3 +837,59 @@ fn explicit_proxy_lookups_hold_a_pending_slot_and_time_out() {
         vec![Cmd::Connect(fourth, "198.51.100.4:80".parse().unwrap())]
     );
 }
+
+#[test]
+fn the_connect_reply_is_bounded_and_has_a_deadline() {
+    let mut s = proxied_stack("");
+    let limit = s.proxy().unwrap().head_limit;
+    // An upstream whose reply head never ends: the core takes at most the head limit,
+    // then closes the guest and aborts the upstream.
+    let (flow, mut c) = open(&mut s, 0, tls());
+    guest_sends(&mut s, 1, &mut c, HELLO_SNI);
+    s.tcp_connected(t(2), flow);
+    s.poll(t(2));
+    assert!(text(&host_reads(&mut s, flow)).starts_with("CONNECT "));
+    let mut taken = 0;
+    host_writes(&mut s, flow, b"HTTP/1.1 200 OK\r\n");
+    taken += 17;
+    for _ in 0..10_000 {
+        let room = s.tcp_room(flow);
+        if room == 0 {
+            break;
+        }
+        let line = b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+        let Some(n) = s.tcp_from_host(flow, |buf| {
+            let n = buf.len().min(line.len());
+            buf[..n].copy_from_slice(&line[..n]);
+            (n, n)
+        }) else {
+            break;
+        };
+        taken += n;
+    }
+    assert!(
+        taken <= limit,
+        "took {taken} bytes of reply head, limit {limit}"
+    );
+    assert_eq!(s.tcp_room(flow), 0, "nothing more is taken");
+    s.poll(t(3));
+    assert!(drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    let (got, fin) = guest_reads(&mut s, 3, &mut c);
+    assert_eq!((got.len(), fin), (0, true));
+    assert_eq!(s.stats().proxy.upstream_failed, 1);
+    // An upstream that accepts and never answers the CONNECT: closed at the deadline.
+    let timeout = Config::default().tcp.connect_timeout.total_millis() as i64;
+    let (flow, mut c) = open(&mut s, 10, tls());
+    guest_sends(&mut s, 10, &mut c, HELLO_SNI);
+    s.tcp_connected(t(11), flow);
+    s.poll(t(11));
+    host_reads(&mut s, flow);
+    assert!(s.poll_timeout().is_some_and(|d| d <= t(11 + timeout)));
+    s.poll(t(10 + timeout));
+    assert!(!drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    s.poll(t(11 + timeout));
+    assert!(drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    let (got, fin) = guest_reads(&mut s, 11 + timeout, &mut c);
+    assert_eq!((got.len(), fin), (0, true));
+    assert_eq!(s.stats().proxy.upstream_timeouts, 1);
+}
