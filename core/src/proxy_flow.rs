@@ -16,7 +16,7 @@ use smoltcp::time::Instant;
 use super::{Cmd, ConnectError, FlowId, ResolveRequest, Stack};
 use crate::dns::ResolveError;
 use crate::proxy::connect::{parse_connect_response, write_connect};
-use crate::proxy::flow::{After, ProxyFlow, ProxyKind, Stage};
+use crate::proxy::flow::{After, ProxyFlow, ProxyKind, Stage, STATUS_PREFIX};
 use crate::proxy::http::{
     self, authority, error_response, parse_request, split_absolute, split_authority, Body,
     HeadError, RequestHead, CONNECT_ESTABLISHED,
@@ -140,7 +140,11 @@ impl Stack {
         };
         match p.stage {
             Stage::Sniff => self.proxy_sniff(id),
-            Stage::Http if !p.out_pending() && p.body.is_none_or(|b| b.done()) => {
+            Stage::Http
+                if !p.out_pending()
+                    && p.body.is_none_or(|b| b.done())
+                    && p.upgrade_wait.is_none() =>
+            {
                 if p.one_shot && p.body.is_some() {
                     p.body = None;
                     p.stage = Stage::Drain;
@@ -345,10 +349,14 @@ impl Stack {
         p.authorization.clone_from(&up.authorization);
         let auth = head.host.clone().unwrap_or_else(|| p.dst_authority.clone());
         http::write_for_proxy(head, &auth, up.authorization.as_deref(), &mut p.out);
-        if head.upgrade || head.is_connect() {
+        if head.is_connect() {
             After::Tunnel
         } else {
             p.body = Some(Body::new(head.framing));
+            if head.upgrade {
+                // Tunnel only once the response says 101.
+                p.upgrade_wait = Some(Vec::new());
+            }
             After::Http
         }
     }
@@ -796,6 +804,41 @@ impl Stack {
         Some(r)
     }
 
+    /// Whether host bytes for `id` are the response to an `Upgrade` request whose status
+    /// is not known yet.
+    pub(super) fn proxy_watches_status(&self, id: FlowId) -> bool {
+        self.proxy_flows > 0
+            && self
+                .tcp
+                .get(&id)
+                .and_then(|f| f.proxy.as_deref())
+                .is_some_and(|p| p.upgrade_wait.is_some())
+    }
+
+    /// The first bytes of the response to an `Upgrade` request (as they reached the
+    /// guest's socket): a 101 opens the tunnel, anything else lets HTTP go on.
+    pub(super) fn proxy_status_bytes(&mut self, id: FlowId, bytes: &[u8]) {
+        let Some(p) = self.proxy_mut(id) else { return };
+        let Some(seen) = p.upgrade_wait.as_mut() else {
+            return;
+        };
+        let take = (STATUS_PREFIX - seen.len()).min(bytes.len());
+        seen.extend_from_slice(&bytes[..take]);
+        if seen.len() < STATUS_PREFIX {
+            return;
+        }
+        let switched = seen.starts_with(b"HTTP/1.") && &seen[8..] == b" 101";
+        p.upgrade_wait = None;
+        if switched && p.stage == Stage::Http {
+            // The request's body (if any) went out before the response: from now on
+            // bytes pass as they are.
+            p.body = None;
+            p.stage = Stage::Tunnel;
+        }
+        self.dirty.push(id);
+        self.service_proxy(id);
+    }
+
     /// A host lookup for the explicit proxy finished (`req` without the proxy bit).
     pub(super) fn proxy_resolved(&mut self, req: u64, result: Result<Vec<IpAddr>, ResolveError>) {
         let id = FlowId(req & !PROXY_RESOLVE);
@@ -902,7 +945,10 @@ impl Stack {
         }
         self.dirty.push(id);
         // A body (or a head) just ended: the next head goes out in the same pass.
-        let next = !p.out_pending() && p.stage == Stage::Http && p.body.is_none_or(|b| b.done());
+        let next = !p.out_pending()
+            && p.stage == Stage::Http
+            && p.body.is_none_or(|b| b.done())
+            && p.upgrade_wait.is_none();
         if next {
             self.service_proxy(id);
         }

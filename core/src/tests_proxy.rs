@@ -237,14 +237,50 @@ fn upgrade_is_tunnelled_after_its_head() {
     s.tcp_connected(t(2), flow);
     s.poll(t(2));
     host_reads(&mut s, flow);
-    host_writes(&mut s, flow, b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
-    guest_reads(&mut s, 3, &mut c);
+    // The status line arrives in two pieces; the tunnel opens once it says 101.
+    host_writes(&mut s, flow, b"HTTP/1.1 1");
+    host_writes(&mut s, flow, b"01 Switching Protocols\r\n\r\n\x81\x02hi");
+    let (got, _) = guest_reads(&mut s, 3, &mut c);
+    assert_eq!(got, b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi");
     // Frames after the upgrade are not HTTP and pass as they are.
     guest_sends(&mut s, 4, &mut c, b"\x81\x05hello GET / HTTP/1.1\r\n\r\n");
     assert_eq!(
         host_reads(&mut s, flow),
         b"\x81\x05hello GET / HTTP/1.1\r\n\r\n"
     );
+}
+
+#[test]
+fn an_upgrade_answered_without_101_keeps_http_going() {
+    // curl --http2 on http:// offers h2c; servers that ignore it answer 200 and keep
+    // the connection: the next request must be rewritten for the proxy again.
+    let mut s = proxied_stack("");
+    let (flow, mut c) = open(&mut s, 0, web());
+    guest_sends(
+        &mut s,
+        1,
+        &mut c,
+        b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+    );
+    s.tcp_connected(t(2), flow);
+    s.poll(t(2));
+    assert!(text(&host_reads(&mut s, flow)).starts_with("GET http://h/a HTTP/1.1\r\n"));
+    // The guest's next request waits until the response shows there was no switch.
+    guest_sends(&mut s, 3, &mut c, b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(host_reads(&mut s, flow), b"");
+    host_writes(
+        &mut s,
+        flow,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    );
+    s.poll(t(4));
+    assert_eq!(
+        text(&host_reads(&mut s, flow)),
+        format!("GET http://h/b HTTP/1.1\r\nHost: h\r\nProxy-Authorization: {AUTH}\r\n\r\n")
+    );
+    let (got, _) = guest_reads(&mut s, 4, &mut c);
+    assert!(got.ends_with(b"ok"));
+    assert_eq!(s.stats().proxy.requests, 2);
 }
 
 #[test]

@@ -54,6 +54,9 @@ pub(crate) enum Stage {
     Failed,
 }
 
+/// `HTTP/1.1 101`: enough of a status line to know whether it is a 101.
+pub(crate) const STATUS_PREFIX: usize = 12;
+
 #[derive(Debug)]
 pub(crate) struct ProxyFlow {
     pub kind: ProxyKind,
@@ -78,6 +81,11 @@ pub(crate) struct ProxyFlow {
     pub response_seen: bool,
     /// The host connection is open.
     pub connected: bool,
+    /// An `Upgrade` request went out: the start of its response's status line (at most
+    /// [`STATUS_PREFIX`] bytes) until it tells whether the server switched protocols
+    /// (101: tunnel) or not (HTTP goes on: an `h2c` offer is commonly ignored with a
+    /// 200 on a connection that stays open). Meanwhile the guest's bytes wait.
+    pub upgrade_wait: Option<Vec<u8>>,
     pub head_limit: usize,
     /// TLS: when a client that has not sent a ClientHello by then is taken for a
     /// protocol whose server speaks first (SSH on 443): tunnelled by address.
@@ -99,6 +107,7 @@ impl ProxyFlow {
             reply: Vec::new(),
             response_seen: false,
             connected: false,
+            upgrade_wait: None,
             head_limit,
             sniff_deadline: None,
         }
