@@ -847,14 +847,16 @@ fn set_proxy(world: &World, api: &Path, json: &str) {
 
 /// The `Upgrade` request (websocket style) on port 80, three ways. What each proves:
 /// - through an upstream proxy that passes `Upgrade` on: usernet's rewritten head keeps
-///   `Upgrade` and `Connection: Upgrade` (the proxy's log), and after the 101 usernet
-///   tunnels bytes both ways (server-first bytes in the 101's own segment, 20 echoed
+///   `Upgrade` and `Connection: Upgrade` (the proxy's log), and once the response says
+///   101 usernet tunnels bytes both ways (server-first bytes in the 101's own segment, 20 echoed
 ///   messages, 300 kB each way at once) and passes the half-close on;
 /// - excluded by name (no_proxy): the same exchange goes direct, and the proxy never
 ///   hears of it;
 /// - through tinyproxy 1.11: tinyproxy drops `Connection` and the headers it names, so
 ///   the origin gets a plain GET without `Upgrade` and answers 426, which the guest gets
 ///   as it is. tinyproxy cannot carry a websocket; usernet's part is the same as above.
+///   (An `Upgrade` answered without 101 keeps the connection HTTP: core test
+///   `an_upgrade_answered_without_101_keeps_http_going`.)
 #[test]
 fn upgrade_request_is_tunnelled_after_101() {
     if skip() || !have_tools() {

@@ -84,7 +84,9 @@ pub(crate) struct ProxyFlow {
     /// An `Upgrade` request went out: the start of its response's status line (at most
     /// [`STATUS_PREFIX`] bytes) until it tells whether the server switched protocols
     /// (101: tunnel) or not (HTTP goes on: an `h2c` offer is commonly ignored with a
-    /// 200 on a connection that stays open). Meanwhile the guest's bytes wait.
+    /// 200 on a connection that stays open). Meanwhile the guest's bytes wait. An
+    /// interim `100 Continue` before a 101 counts as no switch (an `Upgrade` with
+    /// `Expect: 100-continue` is not seen in practice).
     pub upgrade_wait: Option<Vec<u8>>,
     pub head_limit: usize,
     /// TLS: when a client that has not sent a ClientHello by then is taken for a
