@@ -52,6 +52,8 @@ pub struct ProxyStats {
     pub resolve_failed: u64,
     /// TLS connections silent past the sniff timeout, tunnelled by address.
     pub sniff_timeouts: u64,
+    /// HTTP connections without a complete first request head in time (408).
+    pub head_timeouts: u64,
     /// Explicit-proxy requests for the host's loopback while the host alias is off.
     pub forbidden: u64,
 }

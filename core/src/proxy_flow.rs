@@ -32,6 +32,12 @@ pub(super) const PROXY_RESOLVE: u64 = 1 << 63;
 /// taken for a protocol whose server speaks first, and tunnelled by address.
 const TLS_SNIFF_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(5);
 
+/// An HTTP client has this long from connecting to complete its first request head
+/// (nginx's `client_header_timeout`): a guest trickling a head does not hold its flow
+/// for ever. Later heads on a kept-alive connection wait without limit, as any idle
+/// connection does.
+const HEAD_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+
 /// Smallest and largest head limit a configuration may set.
 const HEAD_LIMIT_RANGE: (usize, usize) = (1024, 256 * 1024);
 
@@ -88,9 +94,13 @@ impl Stack {
         };
         let dst = f.key.dst;
         let mut p = ProxyFlow::new(kind, dst.to_string(), limit);
-        if kind == ProxyKind::Https {
-            p.sniff_deadline = Some(now + TLS_SNIFF_TIMEOUT);
-        }
+        p.sniff_deadline = Some(
+            now + if kind == ProxyKind::Https {
+                TLS_SNIFF_TIMEOUT
+            } else {
+                HEAD_TIMEOUT
+            },
+        );
         f.proxy = Some(Box::new(p));
         self.proxy_flows += 1;
         self.stats.proxy.flows += 1;
@@ -974,8 +984,16 @@ impl Stack {
         for id in late {
             match self.proxy_mut(id).map(|p| p.stage) {
                 Some(Stage::Sniff) => {
-                    self.stats.proxy.sniff_timeouts += 1;
-                    self.route_tls(id, None);
+                    if self
+                        .proxy_mut(id)
+                        .is_some_and(|p| p.kind == ProxyKind::Https)
+                    {
+                        self.stats.proxy.sniff_timeouts += 1;
+                        self.route_tls(id, None);
+                    } else {
+                        self.stats.proxy.head_timeouts += 1;
+                        self.proxy_fail(id, Some((408, "no complete request head in time")));
+                    }
                     continue;
                 }
                 Some(Stage::Resolving { .. }) => {

@@ -929,3 +929,32 @@ fn the_connect_reply_is_bounded_and_has_a_deadline() {
     assert_eq!((got.len(), fin), (0, true));
     assert_eq!(s.stats().proxy.upstream_timeouts, 1);
 }
+
+#[test]
+fn a_trickled_first_head_gets_408_at_the_head_timeout() {
+    let mut s = proxied_stack("");
+    let (_, mut c) = open(&mut s, 0, web());
+    assert_eq!(
+        guest_sends(&mut s, 1, &mut c, b"GET / HTTP/1.1\r\nHo"),
+        vec![]
+    );
+    assert_eq!(guest_sends(&mut s, 30_000, &mut c, b"st: h\r\n"), vec![]);
+    assert!(s.poll_timeout().is_some_and(|d| d <= t(60_000)));
+    s.poll(t(59_999));
+    let (got, _) = guest_reads(&mut s, 59_999, &mut c);
+    assert_eq!(got, b"");
+    s.poll(t(60_000));
+    let (got, fin) = guest_reads(&mut s, 60_000, &mut c);
+    assert_eq!(status_line(&got), "HTTP/1.1 408 Request Timeout");
+    assert!(fin);
+    assert_eq!(drain_cmds(&mut s), vec![], "nothing was connected");
+    assert_eq!(s.stats().proxy.head_timeouts, 1);
+    // A head completed in time is not affected by the timer later on.
+    let (flow, mut c) = open(&mut s, 70_000, web());
+    let cmds = guest_sends(&mut s, 70_001, &mut c, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(cmds, vec![Cmd::Connect(flow, UPSTREAM.parse().unwrap())]);
+    s.tcp_connected(t(70_002), flow);
+    s.poll(t(200_000));
+    assert!(!drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    assert_eq!(s.stats().proxy.head_timeouts, 1);
+}

@@ -90,7 +90,8 @@ pub(crate) struct ProxyFlow {
     pub upgrade_wait: Option<Vec<u8>>,
     pub head_limit: usize,
     /// TLS: when a client that has not sent a ClientHello by then is taken for a
-    /// protocol whose server speaks first (SSH on 443): tunnelled by address.
+    /// protocol whose server speaks first (SSH on 443): tunnelled by address. HTTP: when
+    /// a client without a complete first head gets 408.
     pub sniff_deadline: Option<Instant>,
 }
 
