@@ -42,7 +42,7 @@ pub struct ProxyStats {
     pub resolves: u64,
     /// Errors by kind: malformed request (400), head too large (431), upstream refused,
     /// reset or closed before answering (502), connect timeout (504), CONNECT answered
-    /// with non-2xx, malformed chunked body, name lookup failed.
+    /// with non-2xx, malformed chunked body, name lookup failed (or timed out: 504).
     pub bad_requests: u64,
     pub heads_too_large: u64,
     pub upstream_failed: u64,
@@ -52,6 +52,8 @@ pub struct ProxyStats {
     pub resolve_failed: u64,
     /// TLS connections silent past the sniff timeout, tunnelled by address.
     pub sniff_timeouts: u64,
+    /// HTTP connections without a complete first request head in time (408).
+    pub head_timeouts: u64,
     /// Explicit-proxy requests for the host's loopback while the host alias is off.
     pub forbidden: u64,
 }

@@ -16,7 +16,7 @@ use smoltcp::time::Instant;
 use super::{Cmd, ConnectError, FlowId, ResolveRequest, Stack};
 use crate::dns::ResolveError;
 use crate::proxy::connect::{parse_connect_response, write_connect};
-use crate::proxy::flow::{After, ProxyFlow, ProxyKind, Stage};
+use crate::proxy::flow::{After, ProxyFlow, ProxyKind, Stage, STATUS_PREFIX};
 use crate::proxy::http::{
     self, authority, error_response, parse_request, split_absolute, split_authority, Body,
     HeadError, RequestHead, CONNECT_ESTABLISHED,
@@ -31,6 +31,12 @@ pub(super) const PROXY_RESOLVE: u64 = 1 << 63;
 /// A TLS client sends its ClientHello at once; one silent this long after connecting is
 /// taken for a protocol whose server speaks first, and tunnelled by address.
 const TLS_SNIFF_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(5);
+
+/// An HTTP client has this long from connecting to complete its first request head
+/// (nginx's `client_header_timeout`): a guest trickling a head does not hold its flow
+/// for ever. Later heads on a kept-alive connection wait without limit, as any idle
+/// connection does.
+const HEAD_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
 
 /// Smallest and largest head limit a configuration may set.
 const HEAD_LIMIT_RANGE: (usize, usize) = (1024, 256 * 1024);
@@ -88,9 +94,13 @@ impl Stack {
         };
         let dst = f.key.dst;
         let mut p = ProxyFlow::new(kind, dst.to_string(), limit);
-        if kind == ProxyKind::Https {
-            p.sniff_deadline = Some(now + TLS_SNIFF_TIMEOUT);
-        }
+        p.sniff_deadline = Some(
+            now + if kind == ProxyKind::Https {
+                TLS_SNIFF_TIMEOUT
+            } else {
+                HEAD_TIMEOUT
+            },
+        );
         f.proxy = Some(Box::new(p));
         self.proxy_flows += 1;
         self.stats.proxy.flows += 1;
@@ -140,7 +150,11 @@ impl Stack {
         };
         match p.stage {
             Stage::Sniff => self.proxy_sniff(id),
-            Stage::Http if !p.out_pending() && p.body.is_none_or(|b| b.done()) => {
+            Stage::Http
+                if !p.out_pending()
+                    && p.body.is_none_or(|b| b.done())
+                    && p.upgrade_wait.is_none() =>
+            {
                 if p.one_shot && p.body.is_some() {
                     p.body = None;
                     p.stage = Stage::Drain;
@@ -345,10 +359,14 @@ impl Stack {
         p.authorization.clone_from(&up.authorization);
         let auth = head.host.clone().unwrap_or_else(|| p.dst_authority.clone());
         http::write_for_proxy(head, &auth, up.authorization.as_deref(), &mut p.out);
-        if head.upgrade || head.is_connect() {
+        if head.is_connect() {
             After::Tunnel
         } else {
             p.body = Some(Body::new(head.framing));
+            if head.upgrade {
+                // Tunnel only once the response says 101.
+                p.upgrade_wait = Some(Vec::new());
+            }
             After::Http
         }
     }
@@ -416,8 +434,22 @@ impl Stack {
             }
             Some(ip) => self.proxy_connect_named(id, SocketAddr::new(ip, port), after),
             None => {
+                // A lookup holds a pending-connect slot: lookups in flight are bounded
+                // as connects are (each is a resolver call on the host).
+                if self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects
+                {
+                    self.stats.drop(crate::DropReason::TcpPendingLimit);
+                    self.proxy_fail(id, Some((503, "too many connections in progress")));
+                    return;
+                }
+                let deadline = self.last_now + self.config.tcp.connect_timeout;
                 let Some(p) = self.proxy_mut(id) else { return };
-                p.stage = Stage::Resolving { port, after };
+                p.stage = Stage::Resolving {
+                    port,
+                    after,
+                    deadline,
+                };
+                self.proxy_connecting += 1;
                 self.stats.proxy.resolves += 1;
                 self.resolves.push_back(ResolveRequest {
                     req: PROXY_RESOLVE | id.0,
@@ -446,7 +478,10 @@ impl Stack {
     }
 
     fn proxy_connect(&mut self, id: FlowId, to: SocketAddr, after: After) {
-        if self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects {
+        // After a lookup the flow already holds its slot.
+        let held = self.proxy_mut(id).is_some_and(|p| p.holds_connect_slot());
+        if !held && self.tcp_pending + self.proxy_connecting >= self.config.tcp.max_pending_connects
+        {
             self.stats.drop(crate::DropReason::TcpPendingLimit);
             self.proxy_fail(id, Some((503, "too many connections in progress")));
             return;
@@ -454,7 +489,9 @@ impl Stack {
         let deadline = self.last_now + self.config.tcp.connect_timeout;
         let Some(p) = self.proxy_mut(id) else { return };
         p.stage = Stage::Connecting { deadline, after };
-        self.proxy_connecting += 1;
+        if !held {
+            self.proxy_connecting += 1;
+        }
         self.commands.push_back(Cmd::TcpConnect(id, to));
     }
 
@@ -572,7 +609,7 @@ impl Stack {
             p.stage,
             Stage::Sniff | Stage::Resolving { .. } | Stage::Failed
         );
-        if matches!(p.stage, Stage::Connecting { .. }) {
+        if p.holds_connect_slot() {
             self.proxy_connecting -= 1;
         }
         p.stage = Stage::Failed;
@@ -777,13 +814,48 @@ impl Stack {
         Some(r)
     }
 
+    /// Whether host bytes for `id` are the response to an `Upgrade` request whose status
+    /// is not known yet.
+    pub(super) fn proxy_watches_status(&self, id: FlowId) -> bool {
+        self.proxy_flows > 0
+            && self
+                .tcp
+                .get(&id)
+                .and_then(|f| f.proxy.as_deref())
+                .is_some_and(|p| p.upgrade_wait.is_some())
+    }
+
+    /// The first bytes of the response to an `Upgrade` request (as they reached the
+    /// guest's socket): a 101 opens the tunnel, anything else lets HTTP go on.
+    pub(super) fn proxy_status_bytes(&mut self, id: FlowId, bytes: &[u8]) {
+        let Some(p) = self.proxy_mut(id) else { return };
+        let Some(seen) = p.upgrade_wait.as_mut() else {
+            return;
+        };
+        let take = (STATUS_PREFIX - seen.len()).min(bytes.len());
+        seen.extend_from_slice(&bytes[..take]);
+        if seen.len() < STATUS_PREFIX {
+            return;
+        }
+        let switched = seen.starts_with(b"HTTP/1.") && &seen[8..] == b" 101";
+        p.upgrade_wait = None;
+        if switched && p.stage == Stage::Http {
+            // The request's body (if any) went out before the response: from now on
+            // bytes pass as they are.
+            p.body = None;
+            p.stage = Stage::Tunnel;
+        }
+        self.dirty.push(id);
+        self.service_proxy(id);
+    }
+
     /// A host lookup for the explicit proxy finished (`req` without the proxy bit).
     pub(super) fn proxy_resolved(&mut self, req: u64, result: Result<Vec<IpAddr>, ResolveError>) {
         let id = FlowId(req & !PROXY_RESOLVE);
         let Some(p) = self.proxy_mut(id) else {
             return;
         };
-        let Stage::Resolving { port, after } = p.stage else {
+        let Stage::Resolving { port, after, .. } = p.stage else {
             return;
         };
         let addr = result.ok().and_then(|a| {
@@ -883,13 +955,17 @@ impl Stack {
         }
         self.dirty.push(id);
         // A body (or a head) just ended: the next head goes out in the same pass.
-        let next = !p.out_pending() && p.stage == Stage::Http && p.body.is_none_or(|b| b.done());
+        let next = !p.out_pending()
+            && p.stage == Stage::Http
+            && p.body.is_none_or(|b| b.done())
+            && p.upgrade_wait.is_none();
         if next {
             self.service_proxy(id);
         }
     }
 
-    /// Proxied flows whose connect (or CONNECT reply) is overdue.
+    /// Proxied flows whose lookup, connect or CONNECT reply is overdue, or whose TLS
+    /// client stayed silent.
     pub(super) fn proxy_expire(&mut self, now: Instant) {
         if self.proxy_flows == 0 {
             return;
@@ -906,10 +982,27 @@ impl Stack {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
-            if matches!(self.proxy_mut(id).map(|p| p.stage), Some(Stage::Sniff)) {
-                self.stats.proxy.sniff_timeouts += 1;
-                self.route_tls(id, None);
-                continue;
+            match self.proxy_mut(id).map(|p| p.stage) {
+                Some(Stage::Sniff) => {
+                    if self
+                        .proxy_mut(id)
+                        .is_some_and(|p| p.kind == ProxyKind::Https)
+                    {
+                        self.stats.proxy.sniff_timeouts += 1;
+                        self.route_tls(id, None);
+                    } else {
+                        self.stats.proxy.head_timeouts += 1;
+                        self.proxy_fail(id, Some((408, "no complete request head in time")));
+                    }
+                    continue;
+                }
+                Some(Stage::Resolving { .. }) => {
+                    // The host's resolver never answered: its late answer is ignored.
+                    self.stats.proxy.resolve_failed += 1;
+                    self.proxy_fail(id, Some((504, "the name lookup timed out")));
+                    continue;
+                }
+                _ => {}
             }
             // A connect that timed out counts as any failed connect; a CONNECT reply
             // that did not come only as the proxy's own error.

@@ -1211,7 +1211,24 @@ impl Stack {
             return None;
         }
         let before = s.send_queue();
-        let r = s.send(fill).ok();
+        // The start of the response to an `Upgrade` request is looked at on its way.
+        let watch = f.proxy.is_some() && self.proxy_watches_status(flow);
+        let (f, s) = match (self.tcp.get_mut(&flow), handle) {
+            (Some(f), h) => (f, self.sockets.get_mut::<tcp::Socket>(h)),
+            (None, _) => return None,
+        };
+        let mut status = [0u8; 16];
+        let mut status_len = 0;
+        let r = s
+            .send(|buf| {
+                let (n, r) = fill(buf);
+                if watch {
+                    status_len = n.min(buf.len()).min(status.len());
+                    status[..status_len].copy_from_slice(&buf[..status_len]);
+                }
+                (n, r)
+            })
+            .ok();
         if let Some(p) = f.proxy.as_deref_mut() {
             p.response_seen |= s.send_queue() > before;
         }
@@ -1219,6 +1236,9 @@ impl Stack {
             f.host_read_blocked = true;
         }
         self.dirty.push(flow);
+        if watch && status_len > 0 {
+            self.proxy_status_bytes(flow, &status[..status_len]);
+        }
         r
     }
 
@@ -1264,7 +1284,7 @@ impl Stack {
             self.tcp_by_key.remove(&f.key);
             if let Some(p) = &f.proxy {
                 self.proxy_flows -= 1;
-                if matches!(p.stage, crate::proxy::flow::Stage::Connecting { .. }) {
+                if p.holds_connect_slot() {
                     self.proxy_connecting -= 1;
                 }
             }

@@ -237,14 +237,50 @@ fn upgrade_is_tunnelled_after_its_head() {
     s.tcp_connected(t(2), flow);
     s.poll(t(2));
     host_reads(&mut s, flow);
-    host_writes(&mut s, flow, b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
-    guest_reads(&mut s, 3, &mut c);
+    // The status line arrives in two pieces; the tunnel opens once it says 101.
+    host_writes(&mut s, flow, b"HTTP/1.1 1");
+    host_writes(&mut s, flow, b"01 Switching Protocols\r\n\r\n\x81\x02hi");
+    let (got, _) = guest_reads(&mut s, 3, &mut c);
+    assert_eq!(got, b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi");
     // Frames after the upgrade are not HTTP and pass as they are.
     guest_sends(&mut s, 4, &mut c, b"\x81\x05hello GET / HTTP/1.1\r\n\r\n");
     assert_eq!(
         host_reads(&mut s, flow),
         b"\x81\x05hello GET / HTTP/1.1\r\n\r\n"
     );
+}
+
+#[test]
+fn an_upgrade_answered_without_101_keeps_http_going() {
+    // curl --http2 on http:// offers h2c; servers that ignore it answer 200 and keep
+    // the connection: the next request must be rewritten for the proxy again.
+    let mut s = proxied_stack("");
+    let (flow, mut c) = open(&mut s, 0, web());
+    guest_sends(
+        &mut s,
+        1,
+        &mut c,
+        b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+    );
+    s.tcp_connected(t(2), flow);
+    s.poll(t(2));
+    assert!(text(&host_reads(&mut s, flow)).starts_with("GET http://h/a HTTP/1.1\r\n"));
+    // The guest's next request waits until the response shows there was no switch.
+    guest_sends(&mut s, 3, &mut c, b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(host_reads(&mut s, flow), b"");
+    host_writes(
+        &mut s,
+        flow,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    );
+    s.poll(t(4));
+    assert_eq!(
+        text(&host_reads(&mut s, flow)),
+        format!("GET http://h/b HTTP/1.1\r\nHost: h\r\nProxy-Authorization: {AUTH}\r\n\r\n")
+    );
+    let (got, _) = guest_reads(&mut s, 4, &mut c);
+    assert!(got.ends_with(b"ok"));
+    assert_eq!(s.stats().proxy.requests, 2);
 }
 
 #[test]
@@ -754,4 +790,171 @@ fn proxied_connects_count_against_the_pending_limit() {
         guest_sends(&mut s, 10, &mut c5, head),
         vec![Cmd::Connect(fourth, UPSTREAM.parse().unwrap())]
     );
+}
+
+#[test]
+fn explicit_proxy_lookups_hold_a_pending_slot_and_time_out() {
+    let mut s = Stack::new(
+        Config {
+            tcp: crate::config::TcpConfig {
+                max_pending_connects: 1,
+                ..Default::default()
+            },
+            ..Config::default()
+        },
+        Rng::seed_from_u64(7),
+        t(0),
+    )
+    .unwrap();
+    s.set_proxy(Some(ProxyConfig::default()));
+    let timeout = Config::default().tcp.connect_timeout.total_millis() as i64;
+    let get = |name: &str| format!("GET http://{name}/ HTTP/1.1\r\nHost: {name}\r\n\r\n");
+    // A lookup the host's resolver never answers.
+    let (first, mut c1) = open(&mut s, 0, explicit());
+    assert_eq!(
+        guest_sends(&mut s, 1, &mut c1, get("slow.test").as_bytes()),
+        vec![]
+    );
+    let r1 = s.poll_resolve().expect("a lookup");
+    assert_eq!(r1.name, "slow.test");
+    // It holds the only pending slot: a second lookup is refused without a resolver call.
+    let (_, mut c2) = open(&mut s, 2, explicit());
+    guest_sends(&mut s, 2, &mut c2, get("other.test").as_bytes());
+    assert!(s.poll_resolve().is_none());
+    let (got, _) = guest_reads(&mut s, 2, &mut c2);
+    assert_eq!(status_line(&got), "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(s.stats().dropped(DropReason::TcpPendingLimit), 1);
+    // The lookup's deadline is a timer; at it the guest gets 504 and the slot is free.
+    assert!(s.poll_timeout().is_some_and(|d| d <= t(1 + timeout)));
+    s.poll(t(timeout));
+    let (got, _) = guest_reads(&mut s, timeout, &mut c1);
+    assert_eq!(got, b"");
+    s.poll(t(1 + timeout));
+    let (got, fin) = guest_reads(&mut s, 1 + timeout, &mut c1);
+    assert_eq!(status_line(&got), "HTTP/1.1 504 Gateway Timeout");
+    assert!(fin, "the connection closes after the error");
+    assert_eq!(s.stats().proxy.resolve_failed, 1);
+    // The late answer changes nothing: no connect for a flow that gave up.
+    s.dns_resolved(
+        t(2 + timeout),
+        r1.req,
+        Ok(vec!["198.51.100.1".parse().unwrap()]),
+    );
+    s.poll(t(2 + timeout));
+    assert!(
+        !drain_cmds(&mut s)
+            .iter()
+            .any(|c| matches!(c, Cmd::Connect(f, _) if *f == first)),
+        "a connect after the timeout"
+    );
+    // The slot is free again: a new lookup, its answer connects (the slot carries over
+    // to the connect, not counted twice).
+    let now = 3 + timeout;
+    let (third, mut c3) = open(&mut s, now, explicit());
+    guest_sends(&mut s, now, &mut c3, get("fast.test").as_bytes());
+    let r3 = s.poll_resolve().expect("a lookup");
+    s.dns_resolved(t(now), r3.req, Ok(vec!["198.51.100.3".parse().unwrap()]));
+    s.poll(t(now));
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::Connect(third, "198.51.100.3:80".parse().unwrap())]
+    );
+    s.tcp_connected(t(now + 1), third);
+    s.poll(t(now + 1));
+    drain_cmds(&mut s);
+    let (fourth, mut c4) = open(&mut s, now + 2, explicit());
+    assert_eq!(
+        guest_sends(
+            &mut s,
+            now + 2,
+            &mut c4,
+            b"GET http://198.51.100.4/ HTTP/1.1\r\nHost: 198.51.100.4\r\n\r\n"
+        ),
+        vec![Cmd::Connect(fourth, "198.51.100.4:80".parse().unwrap())]
+    );
+}
+
+#[test]
+fn the_connect_reply_is_bounded_and_has_a_deadline() {
+    let mut s = proxied_stack("");
+    let limit = s.proxy().unwrap().head_limit;
+    // An upstream whose reply head never ends: the core takes at most the head limit,
+    // then closes the guest and aborts the upstream.
+    let (flow, mut c) = open(&mut s, 0, tls());
+    guest_sends(&mut s, 1, &mut c, HELLO_SNI);
+    s.tcp_connected(t(2), flow);
+    s.poll(t(2));
+    assert!(text(&host_reads(&mut s, flow)).starts_with("CONNECT "));
+    let mut taken = 0;
+    host_writes(&mut s, flow, b"HTTP/1.1 200 OK\r\n");
+    taken += 17;
+    for _ in 0..10_000 {
+        let room = s.tcp_room(flow);
+        if room == 0 {
+            break;
+        }
+        let line = b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+        let Some(n) = s.tcp_from_host(flow, |buf| {
+            let n = buf.len().min(line.len());
+            buf[..n].copy_from_slice(&line[..n]);
+            (n, n)
+        }) else {
+            break;
+        };
+        taken += n;
+    }
+    assert!(
+        taken <= limit,
+        "took {taken} bytes of reply head, limit {limit}"
+    );
+    assert_eq!(s.tcp_room(flow), 0, "nothing more is taken");
+    s.poll(t(3));
+    assert!(drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    let (got, fin) = guest_reads(&mut s, 3, &mut c);
+    assert_eq!((got.len(), fin), (0, true));
+    assert_eq!(s.stats().proxy.upstream_failed, 1);
+    // An upstream that accepts and never answers the CONNECT: closed at the deadline.
+    let timeout = Config::default().tcp.connect_timeout.total_millis() as i64;
+    let (flow, mut c) = open(&mut s, 10, tls());
+    guest_sends(&mut s, 10, &mut c, HELLO_SNI);
+    s.tcp_connected(t(11), flow);
+    s.poll(t(11));
+    host_reads(&mut s, flow);
+    assert!(s.poll_timeout().is_some_and(|d| d <= t(11 + timeout)));
+    s.poll(t(10 + timeout));
+    assert!(!drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    s.poll(t(11 + timeout));
+    assert!(drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    let (got, fin) = guest_reads(&mut s, 11 + timeout, &mut c);
+    assert_eq!((got.len(), fin), (0, true));
+    assert_eq!(s.stats().proxy.upstream_timeouts, 1);
+}
+
+#[test]
+fn a_trickled_first_head_gets_408_at_the_head_timeout() {
+    let mut s = proxied_stack("");
+    let (_, mut c) = open(&mut s, 0, web());
+    assert_eq!(
+        guest_sends(&mut s, 1, &mut c, b"GET / HTTP/1.1\r\nHo"),
+        vec![]
+    );
+    assert_eq!(guest_sends(&mut s, 30_000, &mut c, b"st: h\r\n"), vec![]);
+    assert!(s.poll_timeout().is_some_and(|d| d <= t(60_000)));
+    s.poll(t(59_999));
+    let (got, _) = guest_reads(&mut s, 59_999, &mut c);
+    assert_eq!(got, b"");
+    s.poll(t(60_000));
+    let (got, fin) = guest_reads(&mut s, 60_000, &mut c);
+    assert_eq!(status_line(&got), "HTTP/1.1 408 Request Timeout");
+    assert!(fin);
+    assert_eq!(drain_cmds(&mut s), vec![], "nothing was connected");
+    assert_eq!(s.stats().proxy.head_timeouts, 1);
+    // A head completed in time is not affected by the timer later on.
+    let (flow, mut c) = open(&mut s, 70_000, web());
+    let cmds = guest_sends(&mut s, 70_001, &mut c, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(cmds, vec![Cmd::Connect(flow, UPSTREAM.parse().unwrap())]);
+    s.tcp_connected(t(70_002), flow);
+    s.poll(t(200_000));
+    assert!(!drain_cmds(&mut s).contains(&Cmd::Abort(flow)));
+    assert_eq!(s.stats().proxy.head_timeouts, 1);
 }

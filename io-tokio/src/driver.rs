@@ -1255,6 +1255,7 @@ impl<N: HostNet> Driver<N> {
                     "sni_names": s.proxy.sni_names,
                     "sni_fallbacks": s.proxy.sni_fallbacks,
                     "sniff_timeouts": s.proxy.sniff_timeouts,
+                    "head_timeouts": s.proxy.head_timeouts,
                     "excluded": s.proxy.excluded,
                     "explicit": s.proxy.explicit,
                     "resolves": s.proxy.resolves,

@@ -6,6 +6,14 @@
 //! A connection that ends (EOF or reset) before any echoed byte arrived is reported as
 //! refused (`Reset { established: false }`): from the client's side the guest refused it,
 //! whether the daemon's listener answered the SYN or there was no listener at all.
+//!
+//! A `udp_echo` job sends datagrams to a UDP forward, one at a time, each retried every
+//! `retry_ms` until answered (one outcome per datagram). Each carries the client's own
+//! address and port (the guest's service checks its source against them), a sequence
+//! number and a keyed pattern. Every reply must come from the forward's address, carry
+//! the client's address and a sequence number already sent, and its pattern intact. A
+//! datagram first sent after the link's faults healed must be answered at its first
+//! attempt, exactly once: the delivery ratio once the link is clean is 1.
 
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -16,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::guest::Outcome;
 use crate::rng::{derive, Pattern};
-use crate::scenario::{ClientSpec, Job};
+use crate::scenario::{ClientSpec, Job, JobKind};
 use crate::world::World;
 
 /// What a client host reports to the world.
@@ -47,6 +55,7 @@ pub async fn run(
     spec: ClientSpec,
     daemon: Ipv4Addr,
     seed: u64,
+    heal_us: u64,
     slot: Slot,
 ) -> turmoil::Result {
     let world = loop {
@@ -64,8 +73,13 @@ pub async fn run(
     for (ji, job) in spec.jobs.iter().cloned().enumerate() {
         let world = world.clone();
         let key = derive(seed, &format!("client-{idx}-{ji}"));
+        let me: Ipv4Addr = spec.ip.parse().expect("checked");
         tasks.push(tokio::task::spawn_local(async move {
-            run_job(idx, ji, job, daemon, key, world).await
+            if job.kind == JobKind::UdpEcho {
+                udp_job(idx, ji, job, me, daemon, key, heal_us, world).await
+            } else {
+                run_job(idx, ji, job, daemon, key, world).await
+            }
         }));
     }
     for t in tasks {
@@ -232,5 +246,162 @@ fn head_pattern(me: std::net::SocketAddrV4, key: u64) -> impl FnMut(usize) -> Ve
         out.resize(n, 0);
         p.fill(&mut out[start..start + rest]);
         out
+    }
+}
+
+/// A `udp_echo` datagram: the client's address and port, the sequence number, the
+/// attempt, then `bytes` of the pattern keyed by the sequence number.
+fn udp_datagram(me: SocketAddr, key: u64, seq: u32, attempt: u16, bytes: u64) -> Vec<u8> {
+    let mut d = Vec::with_capacity(12 + bytes as usize);
+    if let SocketAddr::V4(a) = me {
+        d.extend_from_slice(&a.ip().octets());
+        d.extend_from_slice(&a.port().to_be_bytes());
+    }
+    d.extend_from_slice(&seq.to_be_bytes());
+    d.extend_from_slice(&attempt.to_be_bytes());
+    let start = d.len();
+    d.resize(start + bytes as usize, 0);
+    Pattern::new(key ^ u64::from(seq)).fill(&mut d[start..]);
+    d
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn udp_job(
+    idx: usize,
+    ji: usize,
+    job: Job,
+    me_ip: Ipv4Addr,
+    daemon: Ipv4Addr,
+    key: u64,
+    heal_us: u64,
+    world: Rc<RefCell<World>>,
+) {
+    let start = Duration::from_secs_f64(job.start_s);
+    let elapsed = Duration::from_micros(now_us());
+    if start > elapsed {
+        tokio::time::sleep(start - elapsed).await;
+    }
+    let deadline_us = (job.deadline_s * 1e6) as u64;
+    let dst = SocketAddr::new(IpAddr::V4(daemon), job.port.unwrap_or(7));
+    let retry = Duration::from_millis(job.retry_ms);
+    let push = |o: Outcome| world.borrow_mut().clients[idx].outcomes[ji].push(o);
+    let sock = match turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            for _ in 0..job.count {
+                push(Outcome::Corrupt(format!("client cannot bind: {e}")));
+            }
+            return;
+        }
+    };
+    let me = SocketAddr::new(IpAddr::V4(me_ip), sock.local_addr().map_or(0, |a| a.port()));
+    // Per sequence number: attempts, replies, first send time.
+    let mut replies = vec![0u32; job.count as usize];
+    let mut attempts = vec![0u16; job.count as usize];
+    let mut first_send = vec![u64::MAX; job.count as usize];
+    let mut buf = vec![0u8; 65536];
+    let mut bad: Option<String> = None;
+    // A reply: its sequence number when it is one this client sent, intact.
+    let check = |n: usize, from: SocketAddr, buf: &[u8], sent: u32| -> Result<u32, String> {
+        if from != dst {
+            return Err(format!("a reply came from {from}, not the forward {dst}"));
+        }
+        if n < 12 {
+            return Err(format!("a runt reply of {n} bytes"));
+        }
+        let seq = u32::from_be_bytes(buf[6..10].try_into().expect("4"));
+        let attempt = u16::from_be_bytes(buf[10..12].try_into().expect("2"));
+        if seq >= sent {
+            return Err(format!("a reply to datagram {seq}, never sent"));
+        }
+        if buf[..n] != udp_datagram(me, key, seq, attempt, job.bytes)[..] {
+            return Err(format!("the reply to datagram {seq} differs from it"));
+        }
+        Ok(seq)
+    };
+    let half = job.count / 2;
+    'datagrams: for seq in 0..job.count {
+        if job.pause_s > 0.0 && seq == half && seq > 0 {
+            // Silent past the idle timeout: the forward's flow expires, a new one starts.
+            tokio::time::sleep(Duration::from_secs_f64(job.pause_s)).await;
+        }
+        let i = seq as usize;
+        loop {
+            if now_us() >= deadline_us {
+                push(Outcome::Timeout {
+                    detail: format!("datagram {seq} unanswered after {} attempts", attempts[i]),
+                });
+                continue 'datagrams;
+            }
+            let d = udp_datagram(me, key, seq, attempts[i], job.bytes);
+            if first_send[i] == u64::MAX {
+                first_send[i] = now_us();
+            }
+            attempts[i] += 1;
+            if sock.send_to(&d, dst).await.is_ok() {
+                world.borrow_mut().udp_fwd.client_sent += 1;
+            }
+            let until = tokio::time::Instant::now() + retry;
+            while tokio::time::Instant::now() < until {
+                let r = tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await;
+                let Ok(Ok((n, from))) = r else {
+                    break;
+                };
+                world.borrow_mut().udp_fwd.client_replies += 1;
+                match check(n, from, &buf, seq + 1) {
+                    Err(why) => {
+                        bad.get_or_insert(why);
+                    }
+                    Ok(s) => {
+                        replies[s as usize] += 1;
+                        if s == seq && replies[i] == 1 {
+                            {
+                                let w = &mut *world.borrow_mut();
+                                w.udp_fwd.answered += 1;
+                                if attempts[i] == 1 {
+                                    w.udp_fwd.first_try += 1;
+                                }
+                            }
+                            record(&world, "client-udp", u64::from(seq), || {
+                                format!("client{idx} job{ji} datagram {seq} answered")
+                            });
+                            push(Outcome::Complete {
+                                bytes: n as u64,
+                                at_us: now_us(),
+                            });
+                            continue 'datagrams;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Late copies: anything still on its way.
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await {
+        world.borrow_mut().udp_fwd.client_replies += 1;
+        match check(n, from, &buf, job.count) {
+            Ok(s) => replies[s as usize] += 1,
+            Err(why) => {
+                bad.get_or_insert(why);
+            }
+        }
+    }
+    for i in 0..job.count as usize {
+        if first_send[i] >= heal_us
+            && first_send[i] != u64::MAX
+            && (attempts[i], replies[i]) != (1, 1)
+        {
+            bad.get_or_insert(format!(
+                "datagram {i}, sent after the faults healed, took {} attempts and got {} replies (want 1 and 1)",
+                attempts[i], replies[i]
+            ));
+        }
+    }
+    if let Some(why) = bad {
+        // One outcome per datagram: the corrupt one replaces the last.
+        if let Some(last) = world.borrow_mut().clients[idx].outcomes[ji].last_mut() {
+            *last = Outcome::Corrupt(why);
+        }
     }
 }

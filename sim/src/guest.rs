@@ -899,7 +899,12 @@ impl Guest {
                 .iter()
                 .map(|(ip, n)| format!("{ip}={n}"))
                 .collect();
-            v.push(format!("connections from: {}", src.join(" ")));
+            let what = if j.spec.kind == JobKind::UdpServe {
+                "datagrams"
+            } else {
+                "connections"
+            };
+            v.push(format!("{what} from: {}", src.join(" ")));
         }
         v
     }
@@ -929,7 +934,7 @@ impl Guest {
             if let Some((_, _, last)) = j.ping {
                 consider(last + UDP_RETRY_US);
             }
-            if j.spec.kind == JobKind::Serve {
+            if matches!(j.spec.kind, JobKind::Serve | JobKind::UdpServe) {
                 // Looks for the clients to be done.
                 consider(now_us + 100_000);
             }
@@ -1023,6 +1028,10 @@ impl Guest {
             }
             if self.jobs[ji].spec.kind == JobKind::Serve {
                 progress |= self.serve_step(ji, now_us);
+                continue;
+            }
+            if self.jobs[ji].spec.kind == JobKind::UdpServe {
+                progress |= self.udp_serve_step(ji, now_us);
                 continue;
             }
             let deadline = (self.jobs[ji].spec.deadline_s * 1e6) as u64;
@@ -1386,7 +1395,8 @@ impl Guest {
             | JobKind::Ping
             | JobKind::DnsUdp
             | JobKind::DnsTcp
-            | JobKind::Serve => unreachable!(),
+            | JobKind::Serve
+            | JobKind::UdpServe => unreachable!(),
         }
     }
 
@@ -1419,7 +1429,8 @@ impl Guest {
             | JobKind::Ping
             | JobKind::DnsUdp
             | JobKind::DnsTcp
-            | JobKind::Serve => false,
+            | JobKind::Serve
+            | JobKind::UdpServe => false,
         }
     }
 

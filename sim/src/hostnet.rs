@@ -156,10 +156,14 @@ impl AsyncWrite for SimTcp {
     }
 }
 
-pub struct SimUdp(turmoil::net::UdpSocket);
+/// A turmoil UDP socket; `twice` (mutation) sends every datagram two times.
+pub struct SimUdp(turmoil::net::UdpSocket, bool);
 
 impl HostUdp for SimUdp {
     fn try_send_to(&self, payload: &[u8], dst: SocketAddr) -> io::Result<usize> {
+        if self.1 {
+            let _ = self.0.try_send_to(payload, dst);
+        }
         self.0.try_send_to(payload, dst)
     }
     fn send_to<'a>(
@@ -248,7 +252,8 @@ impl HostNet for TurmoilNet {
 
     fn udp_bind(&self, first_dst: SocketAddr) -> BoxFuture<io::Result<SimUdp>> {
         let local = usernet::hostnet::unspecified_for(first_dst);
-        Box::pin(async move { Ok(SimUdp(turmoil::net::UdpSocket::bind(local).await?)) })
+        let twice = self.mutation == Mutation::UdpTwice;
+        Box::pin(async move { Ok(SimUdp(turmoil::net::UdpSocket::bind(local).await?, twice)) })
     }
 
     fn tcp_listen(
@@ -278,7 +283,8 @@ impl HostNet for TurmoilNet {
     }
 
     fn udp_bind_at(&self, addr: SocketAddr) -> BoxFuture<io::Result<SimUdp>> {
-        Box::pin(async move { Ok(SimUdp(turmoil::net::UdpSocket::bind(addr).await?)) })
+        let twice = self.mutation == Mutation::UdpTwice;
+        Box::pin(async move { Ok(SimUdp(turmoil::net::UdpSocket::bind(addr).await?, twice)) })
     }
 
     fn ping_open(&self, dst: IpAddr) -> io::Result<SimPing> {

@@ -163,16 +163,37 @@ pub struct DnsSpec {
     pub cache_entries: Option<usize>,
 }
 
-/// A TCP port forward: `0.0.0.0:PORT` on the daemon host to the guest's leased address.
+/// A port forward: `0.0.0.0:PORT` on the daemon host to the guest's leased address.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardSpec {
     pub port: u16,
     pub guest_port: u16,
+    #[serde(default)]
+    pub protocol: FwdProtocol,
+}
+
+/// A forward's protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FwdProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl FwdProtocol {
+    pub fn usernet(self) -> usernet::forward::Protocol {
+        match self {
+            FwdProtocol::Tcp => usernet::forward::Protocol::Tcp,
+            FwdProtocol::Udp => usernet::forward::Protocol::Udp,
+        }
+    }
 }
 
 /// A turmoil host running client jobs against the daemon host's forwarded ports
-/// (kinds `echo`, expect `complete` | `reset` | `clean`; `port` is the host port).
+/// (kinds `echo`, expect `complete` | `reset` | `clean`, and `udp_echo`; `port` is the
+/// host port).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSpec {
@@ -229,6 +250,8 @@ pub enum JobKind {
     /// Connect to a port nobody listens on.
     Refused,
     /// `count` datagrams of `bytes` bytes to the UDP echo, each retried until answered.
+    /// As a client job: to a UDP port forward (the guest's `udp_serve`), every `retry_ms`
+    /// until answered; `pause_s`: silent half-way (the forward's flow expires).
     UdpEcho,
     /// `count` ICMP echo requests of `bytes` payload bytes to the upstream, each retried
     /// until answered (the sim host network answers pings to upstream addresses).
@@ -244,6 +267,9 @@ pub enum JobKind {
     /// A server in the guest on `port` (the forward's guest port): it checks that each
     /// connection's source address is the one its client reports, then echoes.
     Serve,
+    /// A UDP echo service in the guest on `port` (a UDP forward's guest port): it checks
+    /// that each datagram's source address is the one its client reports, then echoes it.
+    UdpServe,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -333,6 +359,7 @@ impl Job {
             JobKind::Ping => 0,
             JobKind::DnsUdp | JobKind::DnsTcp => 53,
             JobKind::Serve => 80,
+            JobKind::UdpServe => 7,
         })
     }
 }
@@ -412,7 +439,7 @@ pub enum EventKind {
     Bounce,
     /// `Driver::expose` a TCP forward `0.0.0.0:port` -> guest `:guest_port`.
     Expose,
-    /// `Driver::unexpose` the TCP forward on `port`.
+    /// `Driver::unexpose` the forward on `port`.
     Unexpose,
 }
 
@@ -433,6 +460,9 @@ pub struct Event {
     pub port: Option<u16>,
     /// Expose: the guest port.
     pub guest_port: Option<u16>,
+    /// Expose/unexpose: the forward's protocol.
+    #[serde(default)]
+    pub protocol: FwdProtocol,
 }
 
 /// The workspace's scenarios/ directory.
@@ -481,7 +511,11 @@ impl Scenario {
             for j in &g.jobs {
                 let needs_upstream = !matches!(
                     j.kind,
-                    JobKind::Refused | JobKind::DnsUdp | JobKind::DnsTcp | JobKind::Serve
+                    JobKind::Refused
+                        | JobKind::DnsUdp
+                        | JobKind::DnsTcp
+                        | JobKind::Serve
+                        | JobKind::UdpServe
                 ) || !j.upstream.is_empty();
                 if let Some(f) = &j.from {
                     self.upstream_ip(f)
@@ -545,8 +579,16 @@ impl Scenario {
             c.ip.parse::<std::net::Ipv4Addr>()
                 .map_err(|_| format!("{n}: client {} ip {:?}", c.name, c.ip))?;
             for j in &c.jobs {
-                if j.kind != JobKind::Echo || j.parallel == 0 || j.count == 0 {
-                    return Err(format!("{n}: client jobs are echo, count/parallel > 0"));
+                let kind_ok = match j.kind {
+                    JobKind::Echo => true,
+                    // One datagram at a time.
+                    JobKind::UdpEcho => j.parallel == 1 && j.expect == Expect::Complete,
+                    _ => false,
+                };
+                if !kind_ok || j.parallel == 0 || j.count == 0 {
+                    return Err(format!(
+                        "{n}: client jobs are echo (count/parallel > 0) or udp_echo (parallel 1, expect complete)"
+                    ));
                 }
             }
         }

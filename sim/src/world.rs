@@ -18,7 +18,7 @@ use crate::guest::{Guest, GuestShared, Outcome};
 use crate::hostnet::TurmoilNet;
 use crate::link::{fmt_mac, Dir, Link, LinkParams};
 use crate::rng;
-use crate::scenario::{EventKind, Expect, JobKind, Scenario, Transport};
+use crate::scenario::{EventKind, Expect, FwdProtocol, JobKind, Scenario, Transport};
 use crate::trace::Trace;
 
 /// Deliberately broken behaviours, to prove the oracles can fail.
@@ -37,6 +37,8 @@ pub enum Mutation {
     GuestVanishes,
     /// A task panics (the guest, on its DHCP lease): tokio swallows it, the sim must not.
     Panic,
+    /// The host side sends every UDP datagram twice (a forward that answers twice).
+    UdpTwice,
 }
 
 impl std::str::FromStr for Mutation {
@@ -49,9 +51,10 @@ impl std::str::FromStr for Mutation {
             "skip-cleanup" => Mutation::SkipCleanup,
             "guest-vanishes" => Mutation::GuestVanishes,
             "panic" => Mutation::Panic,
+            "udp-twice" => Mutation::UdpTwice,
             _ => {
                 return Err(format!(
-                    "unknown mutation {s:?} (drop-byte, ignore-fin, skip-cleanup, guest-vanishes, panic)"
+                    "unknown mutation {s:?} (drop-byte, ignore-fin, skip-cleanup, guest-vanishes, panic, udp-twice)"
                 ))
             }
         })
@@ -93,8 +96,26 @@ pub struct World {
     /// Client hosts (port forwards) and how many have not finished.
     pub clients: Vec<ClientShared>,
     pub clients_left: usize,
-    /// Expose/unexpose events for the daemon to carry out: (kind, host port, guest port).
-    pub pending_forwards: Vec<(EventKind, u16, u16)>,
+    /// Expose/unexpose events for the daemon to carry out: (kind, host port, guest port,
+    /// protocol).
+    pub pending_forwards: Vec<(EventKind, u16, u16, FwdProtocol)>,
+    /// Datagrams through UDP forwards, counted at both ends.
+    pub udp_fwd: UdpFwdCounts,
+}
+
+/// Datagrams of UDP port forwards: what the clients sent and got back, what the guests'
+/// `udp_serve` services got and echoed. Each daemon step forwards every datagram once,
+/// so copies only multiply on the guest link: the oracle bounds each end's count by the
+/// other's plus the link's duplications.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UdpFwdCounts {
+    pub client_sent: u64,
+    pub client_replies: u64,
+    pub guest_received: u64,
+    pub guest_echoed: u64,
+    /// Datagrams answered at their first attempt (the delivery ratio before retries).
+    pub first_try: u64,
+    pub answered: u64,
 }
 
 impl World {
@@ -351,6 +372,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
         });
     }
 
+    let heal_us = params.heal_us;
     // The shared world. `base` is reset when the daemon starts (inside its runtime).
     let world: Rc<RefCell<Option<Rc<RefCell<World>>>>> = Rc::new(RefCell::new(None));
     {
@@ -366,7 +388,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
         let ip: Ipv4Addr = c.ip.parse().expect("checked");
         let (spec, slot) = (c.clone(), world.clone());
         sim.client(IpAddr::V4(ip), async move {
-            crate::client::run(ci, spec, DAEMON_IP, seed, slot).await
+            crate::client::run(ci, spec, DAEMON_IP, seed, heal_us, slot).await
         });
     }
 
@@ -420,6 +442,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
                             e.kind,
                             e.port.expect("checked"),
                             e.guest_port.unwrap_or(0),
+                            e.protocol,
                         ));
                     }
                     _ => {}
@@ -489,6 +512,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: RunOptions) -> RunReport {
                 clients: std::mem::take(&mut b.clients),
                 clients_left: b.clients_left,
                 pending_forwards: vec![],
+                udp_fwd: b.udp_fwd,
             }
         });
     check(sc, &w, &mut report, opts);
@@ -548,8 +572,9 @@ async fn daemon_main(
         pending_forwards: sc
             .forwards
             .iter()
-            .map(|f| (EventKind::Expose, f.port, f.guest_port))
+            .map(|f| (EventKind::Expose, f.port, f.guest_port, f.protocol))
             .collect(),
+        udp_fwd: UdpFwdCounts::default(),
     }));
     *slot.borrow_mut() = Some(world.clone());
     CURRENT.with(|c| *c.borrow_mut() = Some(Rc::downgrade(&world)));
@@ -771,23 +796,22 @@ impl Phases<'_> {
         // stop future also wakes up every 100 ms so that events fired by the outer loop
         // are applied promptly.
         loop {
-            let forwards: Vec<(EventKind, u16, u16)> =
+            let forwards: Vec<(EventKind, u16, u16, FwdProtocol)> =
                 std::mem::take(&mut world.borrow_mut().pending_forwards);
-            for (kind, port, guest_port) in forwards {
+            for (kind, port, guest_port, proto) in forwards {
+                let protocol = proto.usernet();
                 let local = std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
                 let (what, r) = if kind == EventKind::Expose {
                     let f = usernet::forward::Forward {
-                        protocol: usernet::forward::Protocol::Tcp,
+                        protocol,
                         local,
                         remote: usernet::forward::Remote::Leased(guest_port),
                     };
                     (format!("expose {f}"), driver.expose(f).await)
                 } else {
                     (
-                        format!("unexpose tcp {local}"),
-                        driver
-                            .unexpose(local, usernet::forward::Protocol::Tcp)
-                            .map(|_| ()),
+                        format!("unexpose {} {local}", protocol.as_str()),
+                        driver.unexpose(local, protocol).map(|_| ()),
                     )
                 };
                 let w = &mut *world.borrow_mut();
@@ -908,7 +932,7 @@ fn check_job(
         f.push(format!("{who} job{ji}: ... {n} connections failed in all"));
     }
     // A server handles whatever its clients bring.
-    if job.kind != JobKind::Serve && outs.len() as u32 != job.count {
+    if !matches!(job.kind, JobKind::Serve | JobKind::UdpServe) && outs.len() as u32 != job.count {
         f.push(format!(
             "{who} job{ji}: {} outcomes for {} connections",
             outs.len(),
@@ -952,6 +976,21 @@ fn check(sc: &Scenario, w: &World, report: &mut RunReport, opts: RunOptions) {
         for (ji, (job, outs)) in spec.jobs.iter().zip(&c.outcomes).enumerate() {
             check_job(f, &format!("client{ci}"), ji, job, outs);
         }
+    }
+    // UDP forwards: nothing is answered more often than copies reached the other end.
+    let u = w.udp_fwd;
+    let (g2d, d2g) = (w.link.stats(Dir::G2d), w.link.stats(Dir::D2g));
+    if u.guest_received > u.client_sent + d2g.duplicated {
+        f.push(format!(
+            "safety: UDP forwards: the guests got {} datagrams; the clients sent {} and the link duplicated {} frames towards the guests",
+            u.guest_received, u.client_sent, d2g.duplicated
+        ));
+    }
+    if u.client_replies > u.guest_echoed + g2d.duplicated {
+        f.push(format!(
+            "safety: UDP forwards: the clients got {} replies; the guests echoed {} and the link duplicated {} frames towards the daemon",
+            u.client_replies, u.guest_echoed, g2d.duplicated
+        ));
     }
     match &w.daemon {
         None => f.push("liveness: the daemon did not finish (workload or drain hung)".into()),
@@ -1041,6 +1080,14 @@ fn summary(sc: &Scenario, w: &World, r: &RunReport) -> String {
             let outs = c.outcomes.get(ji).map(Vec::as_slice).unwrap_or(&[]);
             summary_job(&mut s, ji, job, outs);
         }
+    }
+    let u = w.udp_fwd;
+    if u.client_sent > 0 {
+        let _ = writeln!(
+            s,
+            "udp forwards: clients sent={} answered={} (first try {}) replies={}; guests received={} echoed={}",
+            u.client_sent, u.answered, u.first_try, u.client_replies, u.guest_received, u.guest_echoed
+        );
     }
     for dir in [Dir::G2d, Dir::D2g] {
         let d = w.link.stats(dir);

@@ -98,6 +98,11 @@ fn mutations_make_the_oracles_fail() {
         ("udp_loss", Mutation::SkipCleanup, "leak"),
         ("bulk_download", Mutation::GuestVanishes, "leak"),
         ("bulk_download", Mutation::Panic, "panic"),
+        (
+            "forward_udp",
+            Mutation::UdpTwice,
+            "safety: UDP forwards: the clients got",
+        ),
     ];
     let results = parallel(cases.to_vec(), |(name, m, want)| {
         let sc = Scenario::load(name).unwrap();

@@ -31,8 +31,13 @@ pub(crate) enum After {
 pub(crate) enum Stage {
     /// Reading the first request head or the ClientHello; nothing is connected yet.
     Sniff,
-    /// The explicit proxy waits for the host's resolver.
-    Resolving { port: u16, after: After },
+    /// The explicit proxy waits for the host's resolver (until `deadline`: a lookup
+    /// that never ends must not hold the flow).
+    Resolving {
+        port: u16,
+        after: After,
+        deadline: Instant,
+    },
     /// The host connect runs.
     Connecting { deadline: Instant, after: After },
     /// The CONNECT went to the upstream; its reply head collects in `reply`.
@@ -48,6 +53,9 @@ pub(crate) enum Stage {
     /// The proxy answered (or closed) the guest itself: guest bytes are discarded.
     Failed,
 }
+
+/// `HTTP/1.1 101`: enough of a status line to know whether it is a 101.
+pub(crate) const STATUS_PREFIX: usize = 12;
 
 #[derive(Debug)]
 pub(crate) struct ProxyFlow {
@@ -73,9 +81,17 @@ pub(crate) struct ProxyFlow {
     pub response_seen: bool,
     /// The host connection is open.
     pub connected: bool,
+    /// An `Upgrade` request went out: the start of its response's status line (at most
+    /// [`STATUS_PREFIX`] bytes) until it tells whether the server switched protocols
+    /// (101: tunnel) or not (HTTP goes on: an `h2c` offer is commonly ignored with a
+    /// 200 on a connection that stays open). Meanwhile the guest's bytes wait. An
+    /// interim `100 Continue` before a 101 counts as no switch (an `Upgrade` with
+    /// `Expect: 100-continue` is not seen in practice).
+    pub upgrade_wait: Option<Vec<u8>>,
     pub head_limit: usize,
     /// TLS: when a client that has not sent a ClientHello by then is taken for a
-    /// protocol whose server speaks first (SSH on 443): tunnelled by address.
+    /// protocol whose server speaks first (SSH on 443): tunnelled by address. HTTP: when
+    /// a client without a complete first head gets 408.
     pub sniff_deadline: Option<Instant>,
 }
 
@@ -94,9 +110,19 @@ impl ProxyFlow {
             reply: Vec::new(),
             response_seen: false,
             connected: false,
+            upgrade_wait: None,
             head_limit,
             sniff_deadline: None,
         }
+    }
+
+    /// Whether the flow holds one of the pending-connect slots (a host connect, or the
+    /// name lookup before one).
+    pub fn holds_connect_slot(&self) -> bool {
+        matches!(
+            self.stage,
+            Stage::Connecting { .. } | Stage::Resolving { .. }
+        )
     }
 
     pub fn out_pending(&self) -> bool {
@@ -106,7 +132,9 @@ impl ProxyFlow {
     /// The host-connect deadline, while one runs (or the CONNECT reply is awaited).
     pub fn deadline(&self) -> Option<Instant> {
         match self.stage {
-            Stage::Connecting { deadline, .. } | Stage::ConnectReply { deadline } => Some(deadline),
+            Stage::Connecting { deadline, .. }
+            | Stage::ConnectReply { deadline }
+            | Stage::Resolving { deadline, .. } => Some(deadline),
             Stage::Sniff => self.sniff_deadline,
             _ => None,
         }

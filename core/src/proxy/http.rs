@@ -280,6 +280,7 @@ pub fn error_response(status: u16, detail: &str) -> Vec<u8> {
     let reason = match status {
         400 => "Bad Request",
         403 => "Forbidden",
+        408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",

@@ -69,6 +69,9 @@ pub(super) struct ServeRun {
     listeners: Vec<smoltcp::iface::SocketHandle>,
     conns: Vec<ServeConn>,
     pub sources: BTreeMap<Ipv4Addr, u32>,
+    /// `udp_serve`: its socket and the bytes it echoed.
+    udp: Option<smoltcp::iface::SocketHandle>,
+    echoed: u64,
 }
 
 /// Note when a UDP DNS query first leaves the guest (by message ID).
@@ -628,6 +631,75 @@ impl Guest {
             self.jobs[ji].outcomes.push(o);
             self.closing.push((h, now_us));
         }
+        progress
+    }
+
+    /// Advance the guest's UDP echo service; true on progress. A datagram is the
+    /// client's address and port, then anything: the source must be that address.
+    pub(super) fn udp_serve_step(&mut self, ji: usize, now_us: u64) -> bool {
+        let mut progress = false;
+        let port = self.jobs[ji].spec.port();
+        let run = self.jobs[ji].serve.get_or_insert_with(ServeRun::default);
+        let h = match run.udp {
+            Some(h) => h,
+            None => {
+                let mut s = udp::Socket::new(
+                    udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 65536]),
+                    udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 65536]),
+                );
+                let _ = s.bind(port);
+                let h = self.sockets.add(s);
+                run.udp = Some(h);
+                progress = true;
+                h
+            }
+        };
+        let s = self.sockets.get_mut::<udp::Socket>(h);
+        let (mut received, mut echoed) = (0u64, 0u64);
+        let mut bad = Vec::new();
+        // Echo what the send buffer takes; the rest waits in the receive buffer.
+        while s.can_recv() && s.can_send() {
+            let Ok((data, meta)) = s.recv() else { break };
+            let data = data.to_vec();
+            received += 1;
+            progress = true;
+            let from = meta.endpoint;
+            let claimed = (data.len() >= 6).then(|| {
+                let ip = Ipv4Addr::new(data[0], data[1], data[2], data[3]);
+                (ip, u16::from_be_bytes([data[4], data[5]]))
+            });
+            match claimed {
+                Some((ip, p)) if from.addr == IpAddress::Ipv4(ip) && from.port == p => {
+                    *run.sources.entry(ip).or_default() += 1;
+                }
+                _ => bad.push(Outcome::Corrupt(format!(
+                    "guest UDP service: a datagram from {from} claims {claimed:?}"
+                ))),
+            }
+            if s.send_slice(&data, from).is_ok() {
+                echoed += 1;
+                run.echoed += data.len() as u64;
+            }
+        }
+        let clients_done = self.world.borrow().clients_left == 0;
+        let finished = clients_done && !s.can_recv();
+        let total = run.echoed;
+        if finished {
+            run.udp = None;
+            self.sockets.remove(h);
+            bad.push(Outcome::Complete {
+                bytes: total,
+                at_us: now_us,
+            });
+            self.jobs[ji].finished = true;
+            progress = true;
+        }
+        {
+            let w = &mut *self.world.borrow_mut();
+            w.udp_fwd.guest_received += received;
+            w.udp_fwd.guest_echoed += echoed;
+        }
+        self.jobs[ji].outcomes.extend(bad);
         progress
     }
 
