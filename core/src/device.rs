@@ -129,6 +129,19 @@ impl Neighbors {
     pub fn get(&self, ip: Ipv4Addr) -> Option<[u8; 6]> {
         self.map.get(&ip).copied()
     }
+    /// Forget every address at `mac`; returns them.
+    pub fn forget_mac(&mut self, mac: [u8; 6]) -> Vec<Ipv4Addr> {
+        let gone: Vec<Ipv4Addr> = self
+            .map
+            .iter()
+            .filter(|(_, m)| **m == mac)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in &gone {
+            self.map.remove(ip);
+        }
+        gone
+    }
 }
 
 /// Write an Ethernet header at the start of `frame`.

@@ -1635,6 +1635,50 @@ impl Stack {
         self.pings.len()
     }
 
+    /// The guest at `mac` left for good (its switch port closed): end the flows of the
+    /// addresses it was last seen at, resetting their host sockets, and forget where it
+    /// was. Its DHCP lease stays, so it gets the same address when it comes back. Without
+    /// this a departed guest's TCP flows would wait for keep-alives to give up and its UDP
+    /// flows for the idle timeout. Returns how many flows ended.
+    pub fn guest_left(&mut self, now: Instant, mac: [u8; 6]) -> usize {
+        self.last_now = now;
+        let ips = self.neighbors.forget_mac(mac);
+        if ips.is_empty() {
+            return 0;
+        }
+        let tcp: Vec<FlowId> = self
+            .tcp
+            .iter()
+            .filter(|(_, f)| ips.contains(f.key.guest.ip()))
+            .map(|(id, _)| *id)
+            .collect();
+        for &id in &tcp {
+            self.close_tcp(id, true);
+        }
+        let udp: Vec<FlowId> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| !f.dns_internal && ips.contains(f.guest.ip()))
+            .map(|(id, _)| *id)
+            .collect();
+        for &id in &udp {
+            self.remove_udp(id);
+        }
+        let pings: Vec<FlowId> = self
+            .pings
+            .iter()
+            .filter(|(_, f)| ips.contains(&f.key.guest))
+            .map(|(id, _)| *id)
+            .collect();
+        for &id in &pings {
+            if let Some(p) = self.pings.remove(&id) {
+                self.ping_by_key.remove(&p.key);
+                self.commands.push_back(Cmd::PingClose(id));
+            }
+        }
+        tcp.len() + udp.len() + pings.len()
+    }
+
     /// Open flows per guest, by the MAC address its flows' source address was last seen
     /// at, and protocol (the gateway's own DNS flows are not a guest's and are left out).
     pub fn flows_by_guest(&self) -> BTreeMap<[u8; 6], GuestFlows> {

@@ -1379,3 +1379,54 @@ fn flows_are_counted_per_guest_and_protocol() {
     );
     assert_eq!(m.len(), 2);
 }
+
+#[test]
+fn a_guest_leaving_ends_its_flows_only() {
+    let mut s = stack();
+    let mut now = 0;
+    let (tcp_flow, _) = established(&mut s, &mut now);
+    let dst = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 7);
+    let other_mac = [0x02, 0, 0, 0, 0, 0x09];
+    let mut from_other = udp_frame(
+        SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 9), 5000),
+        dst,
+        b"x",
+    );
+    from_other[6..12].copy_from_slice(&other_mac);
+    s.handle_frame(t(now), &from_other);
+    s.handle_frame(
+        t(now),
+        &udp_frame(SocketAddrV4::new(guest_ip(), 5000), dst, b"x"),
+    );
+    s.poll(t(now));
+    let cmds = drain_cmds(&mut s);
+    let sends: Vec<FlowId> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Cmd::UdpSend(f, _, _) => Some(*f),
+            _ => None,
+        })
+        .collect();
+    let [other_udp, mine_udp] = sends[..] else {
+        panic!("{cmds:?}")
+    };
+    // A MAC nobody was seen at ends nothing.
+    assert_eq!(s.guest_left(t(now), [0x02, 0, 0, 0, 0, 0x77]), 0);
+    assert!(drain_cmds(&mut s).is_empty());
+    // The other guest leaves: only its UDP flow goes, its host socket closed.
+    assert_eq!(s.guest_left(t(now), other_mac), 1);
+    assert_eq!(drain_cmds(&mut s), vec![Cmd::UdpClose(other_udp)]);
+    assert_eq!(s.udp_flow_count(), 1);
+    assert_eq!(s.tcp_flows().len(), 1);
+    // Then the first: its TCP flow is reset on the host side, its UDP flow closed.
+    assert_eq!(s.guest_left(t(now), GUEST_MAC), 2);
+    assert_eq!(
+        drain_cmds(&mut s),
+        vec![Cmd::Abort(tcp_flow), Cmd::UdpClose(mine_udp)]
+    );
+    assert!(s.flows_by_guest().is_empty());
+    assert!(s.tcp_flows().is_empty());
+    assert_eq!(s.udp_flow_count(), 0);
+    // Leaving twice is harmless.
+    assert_eq!(s.guest_left(t(now), GUEST_MAC), 0);
+}

@@ -537,6 +537,12 @@ impl<N: HostNet> Driver<N> {
                         }
                         stack.handle_frame(now, frame);
                     }
+                    while let Some(mac) = transport.take_departed() {
+                        let ended = stack.guest_left(now, mac);
+                        if ended > 0 {
+                            tracing::info!(mac = %mac_str(&mac), flows = ended, "a departed guest's flows ended");
+                        }
+                    }
                 }
                 ev = self.events_rx.recv() => {
                     if let Some(ev) = ev {
@@ -1441,13 +1447,15 @@ impl<N: HostNet> Driver<N> {
 }
 
 /// Per-guest counters for `/stats`: each switch port with its addresses and leases.
+/// `02:00:00:00:00:0a`.
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 fn guests_json(stack: &Stack, guests: &[GuestInfo]) -> serde_json::Value {
-    let mac_str = |m: &[u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
     let by_guest = stack.flows_by_guest();
     serde_json::Value::Array(
         guests

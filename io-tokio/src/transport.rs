@@ -50,6 +50,13 @@ pub trait FrameTransport {
     fn guests(&self) -> Vec<GuestInfo> {
         Vec::new()
     }
+
+    /// The next MAC address of a guest that left (its port closed) and is not on the
+    /// switch any more: the driver ends that guest's flows. A one-guest transport never
+    /// reports one (a reconnecting VMM keeps its guest's flows).
+    fn take_departed(&mut self) -> Option<[u8; 6]> {
+        None
+    }
 }
 
 /// One guest port as `/stats` shows it.

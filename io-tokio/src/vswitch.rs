@@ -79,6 +79,8 @@ pub struct VirtualSwitch {
     pub refused: u64,
     /// `--pcap`: frames carried between guests (the driver records the gateway's).
     pcap: Option<crate::pcap::Pcap>,
+    /// MACs of guests that left, for the driver to end their flows.
+    departed: Vec<[u8; 6]>,
 }
 
 impl VirtualSwitch {
@@ -95,6 +97,7 @@ impl VirtualSwitch {
             stall_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             refused: 0,
             pcap: None,
+            departed: Vec::new(),
         }
     }
 
@@ -150,6 +153,11 @@ impl VirtualSwitch {
     /// which is how tests and logs see the change promptly).
     fn remove(&mut self, i: usize, why: &str) {
         let slot = self.slots.remove(i);
+        // Addresses still learnt on this port (not on another one: a guest that came back
+        // on a new connection keeps its flows) are the guest's that left.
+        let now = self.now();
+        let macs: Vec<[u8; 6]> = self.core.macs_of(now, slot.id).collect();
+        self.departed.extend(macs);
         let stats = self.core.remove_port(slot.id).unwrap_or_default();
         tracing::info!(
             port = %slot.id, label = %slot.label, rx_frames = stats.rx_frames,
@@ -423,6 +431,10 @@ impl FrameTransport for VirtualSwitch {
             Poll::Ready(Ok(()))
         })
         .await
+    }
+
+    fn take_departed(&mut self) -> Option<[u8; 6]> {
+        self.departed.pop()
     }
 
     fn guests(&self) -> Vec<GuestInfo> {

@@ -781,6 +781,27 @@ fn two_namespaces_on_one_switch_ping_and_tcp_each_other() {
         assert!(Instant::now() < deadline, "no UDP flow counted for B: {v}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // B's connection goes: its port leaves the switch and its flow ends with it, long
+    // before the 60 s UDP idle timeout.
+    let _ = conns[1].shutdown(std::net::Shutdown::Both);
+    let deadline = Instant::now() + T;
+    loop {
+        let out = run_ok(
+            Command::new(USERNET).args(["ctl", "--api", api.to_str().unwrap(), "stats"]),
+            T,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["guests"].as_array().unwrap().len() == 1 && v["core"]["udp_flows"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B's flow outlived it: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        d.log_text().contains("a departed guest's flows ended"),
+        "{}",
+        d.log_text()
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in &conns {
         let _ = c.shutdown(std::net::Shutdown::Both);
