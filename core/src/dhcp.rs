@@ -263,6 +263,10 @@ pub enum DhcpError {
     NoRequestedAddress,
     /// No address is free and none can be reclaimed.
     PoolExhausted,
+    /// A preferred address outside the pool, or the gateway's own.
+    NotInPool(Ipv4Addr),
+    /// A preferred address another client holds.
+    Taken(Ipv4Addr),
 }
 
 impl fmt::Display for DhcpError {
@@ -285,6 +289,8 @@ impl fmt::Display for DhcpError {
                 )
             }
             DhcpError::PoolExhausted => write!(f, "DHCP address pool exhausted"),
+            DhcpError::NotInPool(ip) => write!(f, "{ip} is not in the DHCP address pool"),
+            DhcpError::Taken(ip) => write!(f, "{ip} is leased to another client"),
         }
     }
 }
@@ -325,6 +331,9 @@ enum ReplyKind {
     Nak,
 }
 
+/// Preferred addresses remembered at most (see [`DhcpServer::prefer`]).
+const MAX_PREFERRED: usize = 4096;
+
 /// The DHCPv4 server state: one address binding per MAC.
 #[derive(Clone, Debug)]
 pub struct DhcpServer {
@@ -338,6 +347,9 @@ pub struct DhcpServer {
     owners: BTreeMap<Ipv4Addr, [u8; 6]>,
     /// Declined addresses and until when they stay out of use.
     declined: BTreeMap<Ipv4Addr, Instant>,
+    /// Addresses clients asked for out of band (VPNKit's Preferred_ipv4), offered to them
+    /// first while free. At most one per MAC and [`MAX_PREFERRED`] in all.
+    preferred: BTreeMap<[u8; 6], Ipv4Addr>,
     /// Option 15 data, when valid.
     domain_name: Option<Vec<u8>>,
     /// Option 119 data (RFC 1035 names, uncompressed).
@@ -372,6 +384,7 @@ impl DhcpServer {
             bindings: BTreeMap::new(),
             owners: BTreeMap::new(),
             declined: BTreeMap::new(),
+            preferred: BTreeMap::new(),
             domain_name,
             search,
         }
@@ -481,6 +494,24 @@ impl DhcpServer {
             .map(|(mac, b)| (*mac, b.ip))
     }
 
+    /// Offer `ip` to `mac` from now on while nobody else holds it (VPNKit's
+    /// Preferred_ipv4, sent before the guest runs DHCP). Refused for an address outside
+    /// the pool or held by another client; the guest then gets an address the usual way.
+    pub fn prefer(&mut self, now: Instant, mac: [u8; 6], ip: Ipv4Addr) -> Result<(), DhcpError> {
+        if !self.usable(ip) {
+            return Err(DhcpError::NotInPool(ip));
+        }
+        if !self.available_to(mac, ip, now) {
+            return Err(DhcpError::Taken(ip));
+        }
+        if self.preferred.len() >= MAX_PREFERRED && !self.preferred.contains_key(&mac) {
+            // Bounded: the oldest-keyed entry goes (a client that comes back asks again).
+            self.preferred.pop_first();
+        }
+        self.preferred.insert(mac, ip);
+        Ok(())
+    }
+
     /// Forget everything about `mac` (the guest left); its address becomes free.
     pub fn release_mac(&mut self, mac: [u8; 6]) {
         if let Some(b) = self.bindings.remove(&mac) {
@@ -515,7 +546,10 @@ impl DhcpServer {
         mac: [u8; 6],
         requested: Option<Ipv4Addr>,
     ) -> Result<Ipv4Addr, DhcpError> {
+        let preferred = self.preferred.get(&mac).copied();
         let ip = if let Some(ip) = requested.filter(|ip| self.available_to(mac, *ip, now)) {
+            ip
+        } else if let Some(ip) = preferred.filter(|ip| self.available_to(mac, *ip, now)) {
             ip
         } else if let Some(b) = self.bindings.get(&mac) {
             b.ip
@@ -945,6 +979,27 @@ mod tests {
             s.leases().collect::<Vec<_>>(),
             vec![(MAC_A, offer.yiaddr), (MAC_B, b)]
         );
+    }
+
+    #[test]
+    fn a_preferred_address_is_offered_while_free() {
+        let mut s = DhcpServer::new(cfg());
+        let want = Ipv4Addr::new(192, 168, 65, 50);
+        assert_eq!(s.prefer(t(0), MAC_A, want), Ok(()));
+        let (_, offer) = exchange(&mut s, t(0), &discover(MAC_A));
+        assert_eq!(offer.yiaddr, want);
+        // Held by A now: B cannot prefer it, and out-of-pool addresses are refused.
+        assert_eq!(s.prefer(t(0), MAC_B, want), Err(DhcpError::Taken(want)));
+        let gw = Ipv4Addr::new(192, 168, 65, 1);
+        assert_eq!(s.prefer(t(0), MAC_B, gw), Err(DhcpError::NotInPool(gw)));
+        let outside = Ipv4Addr::new(10, 0, 0, 5);
+        assert_eq!(
+            s.prefer(t(0), MAC_B, outside),
+            Err(DhcpError::NotInPool(outside))
+        );
+        // B gets the usual lowest free address.
+        let (_, offer_b) = exchange(&mut s, t(0), &discover(MAC_B));
+        assert_eq!(offer_b.yiaddr, Ipv4Addr::new(192, 168, 65, 3));
     }
 
     #[test]

@@ -1635,6 +1635,18 @@ impl Stack {
         self.pings.len()
     }
 
+    /// Lease `ip` to the guest at `mac` when it asks (VPNKit's Preferred_ipv4), if the
+    /// address is in the pool and free.
+    pub fn prefer_address(
+        &mut self,
+        now: Instant,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+    ) -> Result<(), crate::dhcp::DhcpError> {
+        self.last_now = now;
+        self.dhcp.prefer(now, mac, ip)
+    }
+
     /// The guest at `mac` left for good (its switch port closed): end the flows of the
     /// addresses it was last seen at, resetting their host sockets, and forget where it
     /// was. Its DHCP lease stays, so it gets the same address when it comes back. Without

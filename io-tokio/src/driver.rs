@@ -531,6 +531,13 @@ impl<N: HostNet> Driver<N> {
                     let now = self.now();
                     self.maybe_reload_hosts(stack);
                     self.maybe_reload_proxy();
+                    // Before the frames: a new guest's DHCP DISCOVER may be among them.
+                    while let Some((mac, ip)) = transport.take_preferred() {
+                        match stack.prefer_address(now, mac, ip) {
+                            Ok(()) => tracing::info!(mac = %mac_str(&mac), %ip, "preferred address reserved"),
+                            Err(e) => tracing::warn!(mac = %mac_str(&mac), "preferred address not reserved: {e}"),
+                        }
+                    }
                     while let Some(frame) = transport.next_frame() {
                         if let Some(p) = &self.pcap {
                             p.record(frame);

@@ -180,6 +180,7 @@ pub async fn start(spec: &ListenSpec, opts: ListenOptions, ports: PortSender) ->
                     _guard: guard,
                 }),
                 label: spec.to_string(),
+                preferred: None,
             };
             ports
                 .send(new)
@@ -199,6 +200,7 @@ pub async fn start(spec: &ListenSpec, opts: ListenOptions, ports: PortSender) ->
             let new = NewPort {
                 port: Box::new(FramedPort::new(io, Framing::U16Le)),
                 label: "stdio".into(),
+                preferred: None,
             };
             ports
                 .send(new)
@@ -287,14 +289,12 @@ where
                         listener = %label, uuid = %s.uuid, %mac, preferred_ip = ?s.preferred_ip,
                         "vmnet client connected"
                     );
-                    if let Some(ip) = s.preferred_ip {
-                        tracing::info!(%ip, "Preferred_ipv4 is not reserved: the client gets its UUID's DHCP lease");
-                    }
                     let mut port = FramedPort::new(io, Framing::U16Le);
                     port.set_fixup(vmnet::fill_ipv4_checksum);
                     return Some(NewPort {
                         port: Box::new(port),
                         label: format!("{label} vmnet:{}", s.uuid),
+                        preferred: s.preferred_ip.map(|ip| (s.mac, ip)),
                     });
                 }
                 Ok(Err(e)) => {
@@ -311,6 +311,7 @@ where
     Some(NewPort {
         port: Box::new(FramedPort::new(io, framing)),
         label,
+        preferred: None,
     })
 }
 

@@ -57,6 +57,12 @@ pub trait FrameTransport {
     fn take_departed(&mut self) -> Option<[u8; 6]> {
         None
     }
+
+    /// The next address a guest asked for at its handshake (vmnet's Preferred_ipv4), with
+    /// its MAC: the driver asks the core's DHCP server to lease it.
+    fn take_preferred(&mut self) -> Option<([u8; 6], std::net::Ipv4Addr)> {
+        None
+    }
 }
 
 /// One guest port as `/stats` shows it.

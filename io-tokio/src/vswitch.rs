@@ -36,6 +36,9 @@ pub const STALL: Duration = Duration::from_secs(2);
 pub struct NewPort {
     pub port: Box<dyn Port>,
     pub label: String,
+    /// An address the guest asked for before it runs DHCP (vmnet's Preferred_ipv4), with
+    /// the MAC it will ask from.
+    pub preferred: Option<([u8; 6], std::net::Ipv4Addr)>,
 }
 
 /// How listener tasks hand ports to the switch.
@@ -81,6 +84,8 @@ pub struct VirtualSwitch {
     pcap: Option<crate::pcap::Pcap>,
     /// MACs of guests that left, for the driver to end their flows.
     departed: Vec<[u8; 6]>,
+    /// Addresses guests asked for at their handshake, for the driver to hand the core.
+    preferred: Vec<([u8; 6], std::net::Ipv4Addr)>,
 }
 
 impl VirtualSwitch {
@@ -98,6 +103,7 @@ impl VirtualSwitch {
             refused: 0,
             pcap: None,
             departed: Vec::new(),
+            preferred: Vec::new(),
         }
     }
 
@@ -124,6 +130,9 @@ impl VirtualSwitch {
             return None;
         };
         tracing::info!(port = %id, label = %new.label, "guest joined the switch");
+        if let Some(p) = new.preferred {
+            self.preferred.push(p);
+        }
         self.slots.push(Slot {
             id,
             port: new.port,
@@ -437,6 +446,10 @@ impl FrameTransport for VirtualSwitch {
         self.departed.pop()
     }
 
+    fn take_preferred(&mut self) -> Option<([u8; 6], std::net::Ipv4Addr)> {
+        self.preferred.pop()
+    }
+
     fn guests(&self) -> Vec<GuestInfo> {
         let now = self.now();
         self.slots
@@ -503,6 +516,7 @@ mod tests {
             tx.send(NewPort {
                 port: Box::new(FramedPort::new(s, Framing::U16Le)),
                 label: l.into(),
+                preferred: None,
             })
             .await
             .unwrap();
@@ -602,6 +616,7 @@ mod tests {
             tx.send(NewPort {
                 port: Box::new(FramedPort::new(s, Framing::U16Le)),
                 label: "x".into(),
+                preferred: None,
             })
             .await
             .unwrap();
@@ -672,6 +687,7 @@ mod tests {
             tx.send(NewPort {
                 port: Box::new(FramedPort::new(s, Framing::U16Le)),
                 label: "x".into(),
+                preferred: None,
             })
             .await
             .unwrap();
@@ -738,6 +754,7 @@ mod tests {
             tx.send(NewPort {
                 port: Box::new(FramedPort::new(s, Framing::U16Le)),
                 label: "x".into(),
+                preferred: None,
             })
             .await
             .unwrap();

@@ -167,6 +167,15 @@ const INIT: &[u8; 49] = b"VMN3T\x16\x00\x00\x00012345678901234567890123456789012
 
 /// Connect and run the vmnet handshake for `uuid`: (client, MTU, max packet, MAC).
 fn vmnet_connect(path: &Path, uuid: &str) -> (U16Client, u16, u16, [u8; 6]) {
+    vmnet_connect_preferring(path, uuid, None)
+}
+
+/// The same, with a Preferred_ipv4 command (type 8) when `preferred` is given.
+fn vmnet_connect_preferring(
+    path: &Path,
+    uuid: &str,
+    preferred: Option<Ipv4Addr>,
+) -> (U16Client, u16, u16, [u8; 6]) {
     let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
     s.write_all(INIT).unwrap();
@@ -176,6 +185,11 @@ fn vmnet_connect(path: &Path, uuid: &str) -> (U16Client, u16, u16, [u8; 6]) {
     let mut cmd = [0u8; 41];
     cmd[0] = 1;
     cmd[1..37].copy_from_slice(uuid.as_bytes());
+    if let Some(ip) = preferred {
+        // VPNKit writes the address as a little-endian u32 whose value is the address.
+        cmd[0] = 8;
+        cmd[37..41].copy_from_slice(&u32::from(ip).to_le_bytes());
+    }
     s.write_all(&cmd).unwrap();
     let mut vif = [0u8; 258];
     s.read_exact(&mut vif).unwrap();
@@ -189,6 +203,8 @@ fn vmnet_connect(path: &Path, uuid: &str) -> (U16Client, u16, u16, [u8; 6]) {
 
 const UUID_A: &str = "7d5e3c1a-0000-4000-8000-00000000000a";
 const UUID_B: &str = "7d5e3c1a-0000-4000-8000-00000000000b";
+const UUID_C: &str = "7d5e3c1a-0000-4000-8000-00000000000c";
+const UUID_E: &str = "7d5e3c1a-0000-4000-8000-00000000000e";
 
 #[test]
 fn vmnet_client_gets_a_vif_and_a_lease_and_keeps_them_across_reconnects() {
@@ -237,10 +253,23 @@ fn vmnet_client_gets_a_vif_and_a_lease_and_keeps_them_across_reconnects() {
     let (_, _, _, mac_up) = vmnet_connect(&sock, &UUID_A.to_uppercase());
     assert_eq!(mac_up, mac_a);
 
+    // A client sending Preferred_ipv4 is leased that address, not the lowest free one.
+    let want = Ipv4Addr::new(192, 168, 65, 50);
+    let (mut c, _, _, mac_c) = vmnet_connect_preferring(&sock, UUID_C, Some(want));
+    assert_eq!(c.lease(mac_c, 0x4444), want);
+    // Another client preferring the same address gets another one (with a log line).
+    let (mut e, _, _, mac_e) = vmnet_connect_preferring(&sock, UUID_E, Some(want));
+    let ip_e = e.lease(mac_e, 0x5555);
+    assert_ne!(ip_e, want);
+
     d.assert_alive();
     let log = d.log_text();
     assert!(
         log.contains("vmnet handshake failed: bad init magic"),
+        "log:\n{log}"
+    );
+    assert!(
+        log.contains("preferred address not reserved: 192.168.65.50 is leased to another client"),
         "log:\n{log}"
     );
 }
