@@ -58,7 +58,9 @@ impl Framing {
         }
     }
 
-    fn encode(self, len: usize, out: &mut Vec<u8>) {
+    /// Append the length prefix for a `len`-byte frame (`len` fits: callers check
+    /// [`Self::max_frame`]).
+    pub fn encode(self, len: usize, out: &mut Vec<u8>) {
         match self {
             Framing::U32Be => out.extend_from_slice(&(len as u32).to_be_bytes()),
             Framing::U16Le => out.extend_from_slice(&(len as u16).to_le_bytes()),

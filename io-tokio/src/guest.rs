@@ -113,34 +113,30 @@ pub enum Framing {
 }
 
 impl Framing {
-    /// Size of the length prefix.
-    pub fn header_len(self) -> usize {
+    /// The wire format (one codec for the daemon's listeners and this helper).
+    pub fn wire(self) -> crate::framing::Framing {
         match self {
-            Framing::Qemu => 4,
-            Framing::U16le => 2,
+            Framing::Qemu => crate::framing::Framing::U32Be,
+            Framing::U16le => crate::framing::Framing::U16Le,
         }
     }
 
-    /// Largest frame the framing carries (the same bound as the daemon's listener).
+    /// Size of the length prefix.
+    pub fn header_len(self) -> usize {
+        self.wire().header_len()
+    }
+
+    /// Largest frame the framing carries (the same bound as the daemon's listeners).
     pub fn max_frame(self) -> usize {
-        match self {
-            Framing::Qemu => crate::stream::MAX_FRAME,
-            Framing::U16le => u16::MAX as usize,
-        }
+        self.wire().max_frame()
     }
 
     fn encode(self, len: usize, out: &mut Vec<u8>) {
-        match self {
-            Framing::Qemu => out.extend_from_slice(&(len as u32).to_be_bytes()),
-            Framing::U16le => out.extend_from_slice(&(len as u16).to_le_bytes()),
-        }
+        self.wire().encode(len, out)
     }
 
     fn decode(self, hdr: &[u8]) -> usize {
-        match self {
-            Framing::Qemu => u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize,
-            Framing::U16le => u16::from_le_bytes([hdr[0], hdr[1]]) as usize,
-        }
+        self.wire().decode(hdr) as usize
     }
 }
 
@@ -158,7 +154,9 @@ impl fmt::Display for Framing {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadLength(pub usize);
 
-/// Bytes read from the daemon, cut into frames in place.
+/// Bytes read from the daemon, cut into frames in place. Receive and send state are two
+/// values here (the daemon's [`crate::framing::FrameCodec`] keeps both in one) because the
+/// helper's loop reads into one while writing out of the other in the same `select!`.
 #[derive(Debug)]
 struct RxBuf {
     framing: Framing,
