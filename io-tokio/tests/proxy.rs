@@ -274,18 +274,6 @@ fn curl_ok(tb: &Testbed, args: &[&str]) -> String {
     text(&o.stdout)
 }
 
-fn stats(api: &Path) -> serde_json::Value {
-    let o = run_ok(
-        Command::new(USERNET)
-            .arg("ctl")
-            .arg("--api")
-            .arg(api)
-            .arg("stats"),
-        SHORT,
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
 const RESOLVE_WEB: &str = "web.e2e.test:80:10.99.0.1";
 const RESOLVE_TLS: &str = "tls.e2e.test:443:10.99.0.1";
 const RESOLVE_DIRECT: &str = "direct.e2e.test:80:10.99.0.2";
@@ -391,7 +379,7 @@ fn http_and_https_through_the_upstream_proxy() {
     );
     assert_eq!(got, "hello /d host=direct.e2e.test");
     assert!(!world.proxy_log().contains("direct.e2e.test"));
-    let s = stats(&api);
+    let s = ctl_stats(&api);
     let p = &s["core"]["proxy"];
     assert_eq!(p["excluded"], 1, "{p}");
     assert_eq!(p["connects"], 1, "{p}");
@@ -532,7 +520,7 @@ fn upstream_down_gives_502_and_https_a_closed_connection() {
     // A malformed request gets 400 without any connect.
     let o = curl(&tb, &["-i", "-H", "Host: a b", "http://10.99.0.1/"]);
     assert!(text(&o.stdout).starts_with("HTTP/1.1 400 Bad Request"));
-    let s = stats(&api);
+    let s = ctl_stats(&api);
     let e = &s["core"]["proxy"]["errors"];
     assert_eq!(e["upstream_failed"], 2, "{e}");
     assert_eq!(e["bad_requests"], 1, "{e}");
@@ -581,7 +569,7 @@ fn explicit_proxy_on_the_gateway_goes_direct_without_an_upstream() {
     );
     assert_eq!(got, "hello /plain host=web.e2e.test");
     assert_eq!(world.proxy_log().matches("Request (file").count(), 0);
-    let p = &stats(&api)["core"]["proxy"];
+    let p = &ctl_stats(&api)["core"]["proxy"];
     assert_eq!(p["explicit"], 2, "{p}");
     assert_eq!(p["resolves"], 2, "{p}");
 }
@@ -617,7 +605,7 @@ fn explicit_proxy_forwards_to_the_upstream_with_credentials() {
         "{log}"
     );
     assert!(log.contains("CONNECT tls.e2e.test:443 HTTP/1.1"), "{log}");
-    let p = &stats(&api)["core"]["proxy"];
+    let p = &ctl_stats(&api)["core"]["proxy"];
     assert_eq!(
         (p["explicit"].as_u64(), p["resolves"].as_u64()),
         (Some(2), Some(0)),
@@ -913,7 +901,7 @@ fn upgrade_request_is_tunnelled_after_101() {
         "{seen}"
     );
     assert!(seen.contains("Host: wsdirect.e2e.test\r\n"), "{seen}");
-    let p = &stats(&api)["core"]["proxy"];
+    let p = &ctl_stats(&api)["core"]["proxy"];
     assert_eq!(
         (p["requests"].as_u64(), p["excluded"].as_u64()),
         (Some(1), Some(1)),
@@ -984,7 +972,7 @@ fn https_excluded_by_sni_name_goes_direct() {
     assert!(!log.contains("excluded.e2e.test"), "{log}");
     // One request in all (every request tinyproxy reads logs a `Request (fd)` line).
     assert_eq!(log.matches("Request (file descriptor").count(), 1, "{log}");
-    let p = &stats(&api)["core"]["proxy"];
+    let p = &ctl_stats(&api)["core"]["proxy"];
     assert_eq!(
         (
             p["connects"].as_u64(),

@@ -402,16 +402,7 @@ fn two_guests_on_one_switch_reach_each_other_and_are_counted() {
     assert_eq!(got, ba);
 
     // Per-guest counters in `usernet ctl stats`.
-    let out = run_ok(
-        std::process::Command::new(USERNET).args([
-            "ctl",
-            "--api",
-            &api.display().to_string(),
-            "stats",
-        ]),
-        T,
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = ctl_stats(&api);
     let guests = v["guests"].as_array().expect("a guests list");
     assert_eq!(guests.len(), 2, "{v}");
     let ga = &guests[0];
@@ -427,24 +418,9 @@ fn two_guests_on_one_switch_reach_each_other_and_are_counted() {
 
     // B leaves: its port goes, A stays.
     drop(b);
-    let deadline = Instant::now() + T;
-    loop {
-        let out = run_ok(
-            std::process::Command::new(USERNET).args([
-                "ctl",
-                "--api",
-                &api.display().to_string(),
-                "stats",
-            ]),
-            T,
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        if v["guests"].as_array().unwrap().len() == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "B still on the switch: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_stats(&api, T, "B still on the switch", |v| {
+        v["guests"].as_array().unwrap().len() == 1
+    });
     d.assert_alive();
 }
 
@@ -783,49 +759,29 @@ fn two_namespaces_on_one_switch_ping_and_tcp_each_other() {
         let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         u.send_to(b"hello", "192.168.65.2:9").unwrap();
     });
-    let deadline = Instant::now() + T;
-    loop {
-        let out = run_ok(
-            Command::new(USERNET).args(["ctl", "--api", api.to_str().unwrap(), "stats"]),
-            T,
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let flows = |mac: &str| {
-            v["guests"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|g| g["macs"] == serde_json::json!([mac]))
-                .map(|g| g["flows"].clone())
-        };
-        if flows("02:00:00:00:01:01") == Some(serde_json::json!({"tcp": 0, "udp": 1, "ping": 0})) {
-            assert_eq!(
-                flows("02:00:00:00:01:00"),
-                Some(serde_json::json!({"tcp": 0, "udp": 0, "ping": 0})),
-                "{v}"
-            );
-            assert_eq!(v["core"]["udp_flows"], 1, "{v}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no UDP flow counted for B: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let flows = |v: &serde_json::Value, mac: &str| {
+        v["guests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["macs"] == serde_json::json!([mac]))
+            .map(|g| g["flows"].clone())
+    };
+    let v = wait_stats(&api, T, "no UDP flow counted for B", |v| {
+        flows(v, "02:00:00:00:01:01") == Some(serde_json::json!({"tcp": 0, "udp": 1, "ping": 0}))
+    });
+    assert_eq!(
+        flows(&v, "02:00:00:00:01:00"),
+        Some(serde_json::json!({"tcp": 0, "udp": 0, "ping": 0})),
+        "{v}"
+    );
+    assert_eq!(v["core"]["udp_flows"], 1, "{v}");
     // B's connection goes: its port leaves the switch and its flow ends with it, long
     // before the 60 s UDP idle timeout.
     let _ = conns[1].shutdown(std::net::Shutdown::Both);
-    let deadline = Instant::now() + T;
-    loop {
-        let out = run_ok(
-            Command::new(USERNET).args(["ctl", "--api", api.to_str().unwrap(), "stats"]),
-            T,
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        if v["guests"].as_array().unwrap().len() == 1 && v["core"]["udp_flows"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "B's flow outlived it: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_stats(&api, T, "B's flow outlived it", |v| {
+        v["guests"].as_array().unwrap().len() == 1 && v["core"]["udp_flows"] == 0
+    });
     assert!(
         d.log_text().contains("a departed guest's flows ended"),
         "{}",

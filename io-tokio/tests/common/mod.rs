@@ -691,3 +691,35 @@ impl Daemon {
         }
     }
 }
+
+/// `usernet ctl --api API stats`, parsed.
+pub fn ctl_stats(api: &std::path::Path) -> serde_json::Value {
+    let o = run_ok(
+        Command::new(USERNET)
+            .arg("ctl")
+            .arg("--api")
+            .arg(api)
+            .arg("stats"),
+        Duration::from_secs(20),
+    );
+    serde_json::from_slice(&o.stdout).expect("ctl stats prints JSON")
+}
+
+/// Poll `ctl stats` until `done` holds, for at most `timeout`; panics with `what` and the
+/// last figures otherwise. Returns the figures that satisfied it.
+pub fn wait_stats(
+    api: &std::path::Path,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = ctl_stats(api);
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: {v}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
