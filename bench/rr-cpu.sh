@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# CPU time per TCP round trip, usernet against slirp4netns: a Python ping-pong of COUNT
-# 64-byte round trips through each backend to an echo server on the host side's
-# loopback, while `perf stat -e task-clock` watches the backend's process. Latency
-# figures on a small machine are noisy; CPU per round trip is steadier. Root; runs in
-# namespaces it creates and removes. Usage: bench/rr-cpu.sh [COUNT]
+# CPU time per TCP round trip, usernet (with its default adaptive polling, and with
+# `--poll-max-us 0`) against slirp4netns: a Python ping-pong of COUNT 64-byte round trips
+# through each backend to an echo server on the host side's loopback, while
+# `perf stat -e task-clock` watches the backend's process. Root; runs in namespaces it
+# creates and removes. Usage: bench/rr-cpu.sh [COUNT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count=${1:-10000}
 bin=target/release/usernet
 [ -x "$bin" ] || cargo build --release -p usernet
-u=unrr-u-$$; s=unrr-s-$$; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; ip netns del "$u" 2>/dev/null || true; ip netns del "$s" 2>/dev/null || true; }
+u=unrr-u-$$; z=unrr-z-$$; s=unrr-s-$$; pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; for n in "$u" "$z" "$s"; do ip netns del "$n" 2>/dev/null || true; done; }
 trap cleanup EXIT
-ip netns add "$u"; ip netns add "$s"; ip -n "$u" link set lo up; ip -n "$s" link set lo up
-ip -n "$u" tuntap add dev untap0 mode tap; ip -n "$u" link set untap0 mtu 65520
+for n in "$u" "$z" "$s"; do ip netns add "$n"; ip -n "$n" link set lo up; done
+for n in "$u" "$z"; do
+    ip -n "$n" tuntap add dev untap0 mode tap; ip -n "$n" link set untap0 mtu 65520
+done
 "$bin" tap --netns "/run/netns/$u" --tap untap0 --subnet 10.0.2.0/24 --gateway-ip 10.0.2.2 --host-ip 10.0.2.2 --no-dns 2>/dev/null &
 upid=$!; pids+=($upid)
+"$bin" tap --netns "/run/netns/$z" --tap untap0 --subnet 10.0.2.0/24 --gateway-ip 10.0.2.2 --host-ip 10.0.2.2 --no-dns --poll-max-us 0 2>/dev/null &
+zpid=$!; pids+=($zpid)
 sleep 0.3
-ip -n "$u" addr add 10.0.2.100/24 dev untap0; ip -n "$u" link set untap0 up; ip -n "$u" route add default via 10.0.2.2
+for n in "$u" "$z"; do
+    ip -n "$n" addr add 10.0.2.100/24 dev untap0; ip -n "$n" link set untap0 up; ip -n "$n" route add default via 10.0.2.2
+done
 slirp4netns --configure --mtu=65520 --disable-dns --netns-type=path "/run/netns/$s" tap0 >/dev/null 2>&1 &
 spid=$!; pids+=($spid)
 python3 -c '
@@ -40,7 +46,7 @@ for _ in range(n):
     while got < 64: got += len(s.recv(64 - got))
     lat.append(time.perf_counter() - t)
 lat.sort(); print(f"p50 {lat[n // 2] * 1e6:.1f} us")'
-for b in "slirp4netns $spid $s" "usernet $upid $u"; do
+for b in "slirp4netns $spid $s" "usernet $upid $u" "usernet-nopoll $zpid $z"; do
     set -- $b
     perf stat -e task-clock,context-switches -p "$2" -o "/tmp/unrr-$$-$1" &
     perf=$!
@@ -49,6 +55,6 @@ for b in "slirp4netns $spid $s" "usernet $upid $u"; do
     kill -INT "$perf"; wait "$perf" 2>/dev/null || true
     ms=$(awk '/task-clock/ {print $1}' "/tmp/unrr-$$-$1")
     cs=$(awk '/context-switches/ {print $1}' "/tmp/unrr-$$-$1")
-    python3 -c "import sys; ms, cs, n = float(sys.argv[1].replace(',', '')), int(sys.argv[2].replace(',', '')), int(sys.argv[3]); print(f'{sys.argv[4]:12} {ms * 1000 / n:6.1f} us CPU/round trip  {cs / n:4.2f} switches/round trip  ' + sys.argv[5])" "$ms" "$cs" "$count" "$1" "$lat"
+    python3 -c "import sys; ms, cs, n = float(sys.argv[1].replace(',', '')), int(sys.argv[2].replace(',', '')), int(sys.argv[3]); print(f'{sys.argv[4]:15} {ms * 1000 / n:6.1f} us CPU/round trip  {cs / n:4.2f} switches/round trip  ' + sys.argv[5])" "$ms" "$cs" "$count" "$1" "$lat"
     rm -f "/tmp/unrr-$$-$1"
 done

@@ -121,6 +121,10 @@ impl Neighbors {
         if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || mac[0] & 1 == 1 {
             return false;
         }
+        // Every frame from a guest teaches what is almost always known already.
+        if self.map.get(&ip) == Some(&mac) {
+            return false;
+        }
         if self.map.len() >= NEIGHBORS_MAX && !self.map.contains_key(&ip) {
             self.map.clear();
         }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use rand_chacha::rand_core::{Rng as _, SeedableRng};
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress, HardwareAddress, IpCidr};
@@ -139,7 +139,10 @@ enum Cmd {
 pub struct Stack {
     config: Config,
     iface: Interface,
-    sockets: SocketSet<'static>,
+    sockets: Sockets,
+    /// When smoltcp next needs an egress pass for a timer (retransmission, delayed ACK,
+    /// keep-alive), as of the last pass; valid while `sockets` is untouched.
+    egress_at: Option<Instant>,
     frames: FrameQueue,
     neighbors: Neighbors,
     stats: Stats,
@@ -188,6 +191,42 @@ pub struct Stack {
     last_now: Instant,
 }
 
+/// smoltcp's sockets, noting whether any may have changed since the last egress pass.
+/// A pass walks every socket (and `poll_at` again after it), so a poll that follows no
+/// change and no due timer skips it: on a request/response exchange that halves the
+/// passes. Every mutable access counts as a change; reads go through [`Sockets::get`].
+struct Sockets {
+    set: SocketSet<'static>,
+    touched: bool,
+}
+
+impl Sockets {
+    fn get<T: smoltcp::socket::AnySocket<'static>>(&self, h: SocketHandle) -> &T {
+        self.set.get(h)
+    }
+
+    fn get_mut<T: smoltcp::socket::AnySocket<'static>>(&mut self, h: SocketHandle) -> &mut T {
+        self.touched = true;
+        self.set.get_mut(h)
+    }
+
+    fn add(&mut self, socket: tcp::Socket<'static>) -> SocketHandle {
+        self.touched = true;
+        self.set.add(socket)
+    }
+
+    fn remove(&mut self, h: SocketHandle) {
+        self.touched = true;
+        self.set.remove(h);
+    }
+
+    /// The whole set, for smoltcp's ingress (which may change any socket).
+    fn set_mut(&mut self) -> &mut SocketSet<'static> {
+        self.touched = true;
+        &mut self.set
+    }
+}
+
 /// Arena bytes kept across polls at most; a burst beyond is released.
 const ARENA_KEEP: usize = 1 << 20;
 /// smoltcp egress passes per poll at most (each sends up to one segment per flow).
@@ -233,7 +272,11 @@ impl Stack {
         Ok(Stack {
             config,
             iface,
-            sockets: SocketSet::new(Vec::new()),
+            sockets: Sockets {
+                set: SocketSet::new(Vec::new()),
+                touched: false,
+            },
+            egress_at: None,
             frames,
             neighbors,
             stats,
@@ -491,6 +534,7 @@ impl Stack {
             now,
         );
         self.all_dirty = true;
+        self.sockets.touched = true;
         Ok(())
     }
 
@@ -975,7 +1019,7 @@ impl Stack {
             mtu: usize::from(self.config.mtu),
         };
         self.iface
-            .poll_ingress_single(now, &mut device, &mut self.sockets);
+            .poll_ingress_single(now, &mut device, self.sockets.set_mut());
         self.send_wanted_arp();
     }
 
@@ -1321,13 +1365,16 @@ impl Stack {
         let Some(handle) = f.handle() else {
             return;
         };
-        let s = self.sockets.get_mut::<tcp::Socket>(handle);
-        let state = s.state();
+        // Read-only unless the state calls for a change: servicing must not count as a
+        // change to the socket (that would force the next egress pass).
+        let state = self.sockets.get::<tcp::Socket>(handle).state();
         let last = std::mem::replace(&mut f.last_state, state);
         if f.inbound && state == tcp::State::Established && last != tcp::State::Established {
+            let s = self.sockets.get_mut::<tcp::Socket>(handle);
             s.set_timeout(Some(TCP_GUEST_TIMEOUT));
             s.set_keep_alive(Some(TCP_KEEP_ALIVE));
         }
+        let s = self.sockets.get::<tcp::Socket>(handle);
         let queued = s.recv_queue();
         // smoltcp keeps `may_recv` true while bytes are buffered, so this turns true only
         // once the guest's FIN arrived and everything before it was handed over.
@@ -1404,17 +1451,32 @@ impl Stack {
                 self.drain_dns(now);
             }
         }
+        // What the inputs changed first: the owner can start host I/O (a write to the
+        // host socket) before this round's egress pass, and the pass then carries the
+        // window updates that the write made possible.
+        self.service_dirty();
         // Egress may change socket states (timers, retransmission give-ups); servicing the
         // changes may queue more egress (the gateway's own DNS answers): then a second
-        // round sends it. Most polls need one round, and a round walks every socket.
+        // round sends it. Most polls need one round, and a round walks every socket, so
+        // it is skipped when no socket changed and no smoltcp timer is due.
         for _ in 0..2 {
             self.egress_pending = false;
-            self.flush_egress(now);
+            if self.sockets.touched || self.egress_at.is_some_and(|t| t <= now) {
+                self.flush_egress(now);
+            }
             self.service_dirty();
             if !self.egress_pending {
                 break;
             }
         }
+        self.send_wanted_arp();
+    }
+
+    /// Look at the flows inputs changed and queue the host commands that follow, without
+    /// an egress pass: lets the owner carry out a guest's write on the host before the
+    /// (costlier) [`Stack::poll`], which it must still call.
+    pub fn service(&mut self) {
+        self.service_dirty();
     }
 
     fn flush_egress(&mut self, now: Instant) {
@@ -1433,13 +1495,17 @@ impl Stack {
             if device.tx.bytes() >= EGRESS_QUEUE_BYTES {
                 break;
             }
-            let r = self.iface.poll_egress(now, &mut device, &mut self.sockets);
+            let r = self
+                .iface
+                .poll_egress(now, &mut device, &mut self.sockets.set);
             if r != smoltcp::iface::PollResult::SocketStateChanged {
                 break;
             }
             // Timers (retransmission, keep-alive) act on any socket.
             self.all_dirty = true;
         }
+        self.sockets.touched = false;
+        self.egress_at = self.iface.poll_at(now, &self.sockets.set);
         self.send_wanted_arp();
     }
 
@@ -1511,7 +1577,11 @@ impl Stack {
     /// When [`Stack::poll`] must run next at the latest (`None`: only on input).
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let now = self.last_now;
-        let mut t = self.iface.poll_at(now, &self.sockets);
+        let mut t = if self.sockets.touched {
+            self.iface.poll_at(now, &self.sockets.set)
+        } else {
+            self.egress_at
+        };
         let mut consider = |x: Option<Instant>| {
             if let Some(x) = x {
                 t = Some(t.map_or(x, |t| t.min(x)));
@@ -1561,6 +1631,11 @@ impl Stack {
     }
 
     /// The next command for the host, if any.
+    /// Whether [`Stack::poll_command`] or [`Stack::poll_resolve`] has something.
+    pub fn has_commands(&self) -> bool {
+        !self.commands.is_empty() || !self.resolves.is_empty()
+    }
+
     pub fn poll_command(&mut self) -> Option<HostCommand<'_>> {
         let Some(cmd) = self.commands.pop_front() else {
             self.arena.clear();

@@ -335,6 +335,35 @@ fn data_round_trip_and_half_close_both_ways() {
 }
 
 #[test]
+fn commands_come_before_the_egress_pass_and_a_due_ack_still_goes_out() {
+    let mut s = stack();
+    let mut now = 0;
+    let (flow, mut c) = established(&mut s, &mut now);
+    drain_frames(&mut s);
+    s.handle_frame(t(now), &c.send(ACK | PSH, b"hello"));
+    // `service` hands the host its work without an egress pass.
+    s.service();
+    assert_eq!(drain_cmds(&mut s), vec![Cmd::Ready(flow)]);
+    assert_eq!(s.tcp_to_host(flow), b"hello");
+    s.tcp_consume_to_host(flow, 5);
+    s.poll(t(now));
+    // The ACK is delayed (1 ms by default), and polls that follow no change skip the
+    // egress pass...
+    assert!(drain_frames(&mut s).is_empty());
+    let half = Instant::from_micros(t(now).total_micros() + 500);
+    s.poll(half);
+    assert!(drain_frames(&mut s).is_empty());
+    let due = s.poll_timeout().expect("the delayed ACK is a deadline");
+    assert!(due <= t(now + 1), "{due}");
+    // ...but not once smoltcp's timer is due: the ACK goes out with nothing new in.
+    s.poll(due);
+    let segs = tcp_segments(&drain_frames(&mut s));
+    assert_eq!(segs.len(), 1, "one pure ACK");
+    assert!(segs[0].payload.is_empty());
+    assert_eq!(segs[0].p.ack, c.seq, "acknowledges the 5 bytes");
+}
+
+#[test]
 fn host_eof_first_then_guest_fin_closes_cleanly() {
     let mut s = stack();
     let mut now = 0;

@@ -49,11 +49,25 @@ struct ReadyQueue {
     inner: Mutex<ReadyInner>,
 }
 
-#[derive(Default)]
 struct ReadyInner {
     flows: Vec<FlowId>,
     forwards: Vec<u64>,
+    /// A rarely ready source (the stop signal, the events and control channels) woke:
+    /// they are polled only then, not on every turn of the loop.
+    side: bool,
     waker: Option<Waker>,
+}
+
+impl Default for ReadyInner {
+    fn default() -> Self {
+        ReadyInner {
+            flows: Vec::new(),
+            forwards: Vec::new(),
+            // Polled once at the start, which registers their wakers.
+            side: true,
+            waker: None,
+        }
+    }
 }
 
 impl ReadyQueue {
@@ -71,6 +85,13 @@ impl ReadyQueue {
             w.wake();
         }
     }
+    fn push_side(&self) {
+        let mut g = self.inner.lock().expect("not poisoned");
+        g.side = true;
+        if let Some(w) = g.waker.take() {
+            w.wake();
+        }
+    }
     fn take(&self, into: &mut Vec<FlowId>, forwards: &mut Vec<u64>) {
         let mut g = self.inner.lock().expect("not poisoned");
         into.append(&mut g.flows);
@@ -78,13 +99,94 @@ impl ReadyQueue {
             forwards.append(&mut g.forwards);
         }
     }
+    /// Whether a side source woke since the last call.
+    fn take_side(&self) -> bool {
+        std::mem::take(&mut self.inner.lock().expect("not poisoned").side)
+    }
     fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut g = self.inner.lock().expect("not poisoned");
-        if g.flows.is_empty() && g.forwards.is_empty() {
-            g.waker = Some(cx.waker().clone());
+        if g.flows.is_empty() && g.forwards.is_empty() && !g.side {
+            if !g.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                g.waker = Some(cx.waker().clone());
+            }
             Poll::Pending
         } else {
             Poll::Ready(())
+        }
+    }
+}
+
+/// What ended a wait of the loop.
+enum Woke {
+    Guest(io::Result<bool>),
+    Ready,
+    Timer,
+}
+
+/// Adaptive busy-polling before the loop blocks, as QEMU's event loop does it
+/// (`poll-max-ns`): when what the loop waits for keeps arriving within microseconds (a
+/// request/response exchange), it polls for up to `window` instead of sleeping, and
+/// saves the wake-up from an idle CPU, which on a virtual machine costs more than the
+/// exchange's own work. The window grows while waits end shortly after it, and drops to
+/// nothing after a wait longer than `max`, so an idle or slow-paced daemon never spins.
+#[derive(Debug, Default)]
+pub struct Poller {
+    max: std::time::Duration,
+    window: std::time::Duration,
+}
+
+/// The first window once waits turn short.
+const POLL_START: std::time::Duration = std::time::Duration::from_micros(4);
+/// Polls per wait at most, whatever the clock says.
+const POLL_MAX_SPINS: u32 = 10_000;
+
+impl Poller {
+    /// Poll for at most `max` before blocking (zero: never poll).
+    pub fn new(max: std::time::Duration) -> Self {
+        Poller {
+            max,
+            window: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Wait for `fut`, polling it first for the current window.
+    async fn wait<F: Future>(&mut self, mut fut: Pin<&mut F>) -> F::Output {
+        if self.max.is_zero() {
+            return fut.await;
+        }
+        // The real clock: the window is about the CPU's time, and the simulation, whose
+        // clock only moves while the runtime is idle, leaves polling off.
+        let start = std::time::Instant::now();
+        if !self.window.is_zero() {
+            for _ in 0..POLL_MAX_SPINS {
+                if let Poll::Ready(v) = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+                    self.adjust(start.elapsed());
+                    return v;
+                }
+                if start.elapsed() >= self.window {
+                    break;
+                }
+                // Defers to the runtime, which looks at the sockets without blocking
+                // (`epoll_wait` with a zero timeout) before polling again.
+                tokio::task::yield_now().await;
+            }
+        }
+        let v = fut.await;
+        self.adjust(start.elapsed());
+        v
+    }
+
+    fn adjust(&mut self, waited: std::time::Duration) {
+        if waited <= self.window {
+            // Polling caught it.
+        } else if waited > self.max {
+            self.window = std::time::Duration::ZERO;
+        } else if self.window < self.max {
+            self.window = if self.window.is_zero() {
+                POLL_START
+            } else {
+                (self.window * 2).min(self.max)
+            };
         }
     }
 }
@@ -96,6 +198,8 @@ enum Token {
     Flow(FlowId),
     /// A forward's listening socket.
     Forward(u64),
+    /// The stop signal, the events channel or the control channel.
+    Side,
 }
 
 struct TokenWaker {
@@ -120,6 +224,7 @@ impl Wake for TokenWaker {
         match self.token {
             Token::Flow(id) => self.queue.push(id),
             Token::Forward(id) => self.queue.push_forward(id),
+            Token::Side => self.queue.push_side(),
         }
     }
 }
@@ -284,6 +389,12 @@ const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 pub struct Driver<N: HostNet> {
     net: N,
     start: tokio::time::Instant,
+    /// The clock as read once for the current round of the loop (`None`: read it).
+    /// Everything one wake-up does happens "now"; reading the clock for each step cost
+    /// more than the steps themselves on a request/response exchange.
+    clock: std::cell::Cell<Option<Instant>>,
+    /// Busy-polling before blocking (off unless [`Driver::set_poll_max`]).
+    poller: Poller,
     tcp: BTreeMap<FlowId, TcpIo<N::Tcp>>,
     /// Host connects in progress, polled in place with the flow's waker.
     pending_connects: BTreeMap<FlowId, (ConnectFuture<N::Tcp>, Waker)>,
@@ -327,6 +438,8 @@ impl<N: HostNet> Driver<N> {
         Driver {
             net,
             start: tokio::time::Instant::now(),
+            clock: std::cell::Cell::new(None),
+            poller: Poller::default(),
             tcp: BTreeMap::new(),
             pending_connects: BTreeMap::new(),
             connected: Vec::new(),
@@ -371,6 +484,12 @@ impl<N: HostNet> Driver<N> {
     }
 
     /// Backlog of the listening socket of every forward exposed from now on.
+    /// Poll for up to `max` before blocking when traffic comes in quick succession
+    /// (see [`Poller`]); zero turns it off.
+    pub fn set_poll_max(&mut self, max: std::time::Duration) {
+        self.poller = Poller::new(max);
+    }
+
     pub fn set_listen_backlog(&mut self, backlog: u32) {
         self.listen_backlog = backlog;
     }
@@ -469,7 +588,18 @@ impl<N: HostNet> Driver<N> {
     /// The core's clock: time since the driver started, from tokio's clock (which the
     /// simulator controls).
     pub fn now(&self) -> Instant {
-        Instant::from_micros((tokio::time::Instant::now() - self.start).as_micros() as i64)
+        if let Some(t) = self.clock.get() {
+            return t;
+        }
+        let t = Instant::from_micros((tokio::time::Instant::now() - self.start).as_micros() as i64);
+        self.clock.set(Some(t));
+        t
+    }
+
+    /// The next [`Driver::now`] reads the clock again: called wherever the loop may have
+    /// waited.
+    fn clock_moved(&self) {
+        self.clock.set(None);
     }
 
     /// The instant the core's clock calls `t`, on tokio's clock.
@@ -496,10 +626,15 @@ impl<N: HostNet> Driver<N> {
         let mut stop = std::pin::pin!(stop);
         let mut sleep = Box::pin(tokio::time::sleep_until(tokio::time::Instant::now()));
         let mut armed: Option<tokio::time::Instant> = None;
+        let side = TokenWaker::waker(Token::Side, &self.ready);
+        // A new stop future (and whatever else woke since the last run) is polled once,
+        // which registers its waker.
+        self.ready.push_side();
         loop {
             self.settle(stack, transport)?;
             if transport.pending() > 0 {
                 transport.flush().await?;
+                self.clock_moved();
                 // Flushing took time and made room: drain the rest before sleeping.
                 self.settle(stack, transport)?;
                 if transport.pending() > 0 {
@@ -520,65 +655,96 @@ impl<N: HostNet> Driver<N> {
                 }
                 (None, _) => {}
             }
-            let ready = self.ready.clone();
-            tokio::select! {
-                biased;
-                _ = &mut stop => return Ok(()),
-                r = transport.recv() => {
-                    if !r? {
-                        return Ok(());
+            self.clock_moved();
+            let timer = armed.is_some();
+            let woke = {
+                let ready = &*self.ready;
+                // The frequent sources only; the rare ones are polled below when they woke.
+                let wait = std::pin::pin!(async {
+                    tokio::select! {
+                        biased;
+                        r = transport.recv() => Woke::Guest(r),
+                        _ = poll_fn(|cx| ready.poll_ready(cx)) => Woke::Ready,
+                        _ = sleep.as_mut(), if timer => Woke::Timer,
                     }
-                    let now = self.now();
-                    self.maybe_reload_hosts(stack);
-                    self.maybe_reload_proxy();
-                    // Before the frames: a new guest's DHCP DISCOVER may be among them.
-                    while let Some((mac, ip)) = transport.take_preferred() {
-                        match stack.prefer_address(now, mac, ip) {
-                            Ok(()) => tracing::info!(mac = %mac_str(&mac), %ip, "preferred address reserved"),
-                            Err(e) => tracing::warn!(mac = %mac_str(&mac), "preferred address not reserved: {e}"),
+                });
+                self.poller.wait(wait).await
+            };
+            let guest = match woke {
+                Woke::Guest(r) => Some(r?),
+                Woke::Ready => None,
+                Woke::Timer => {
+                    armed = None;
+                    None
+                }
+            };
+            if guest == Some(false) {
+                return Ok(());
+            }
+            if guest == Some(true) {
+                let now = self.now();
+                self.maybe_reload_hosts(stack);
+                self.maybe_reload_proxy();
+                // Before the frames: a new guest's DHCP DISCOVER may be among them.
+                while let Some((mac, ip)) = transport.take_preferred() {
+                    match stack.prefer_address(now, mac, ip) {
+                        Ok(()) => {
+                            tracing::info!(mac = %mac_str(&mac), %ip, "preferred address reserved")
                         }
-                    }
-                    while let Some(frame) = transport.next_frame() {
-                        if let Some(p) = &self.pcap {
-                            p.record(frame);
-                        }
-                        stack.handle_frame(now, frame);
-                    }
-                    while let Some(mac) = transport.take_departed() {
-                        let ended = stack.guest_left(now, mac);
-                        if ended > 0 {
-                            tracing::info!(mac = %mac_str(&mac), flows = ended, "a departed guest's flows ended");
+                        Err(e) => {
+                            tracing::warn!(mac = %mac_str(&mac), "preferred address not reserved: {e}")
                         }
                     }
                 }
-                ev = self.events_rx.recv() => {
-                    if let Some(ev) = ev {
-                        self.handle_event(stack, ev);
+                while let Some(frame) = transport.next_frame() {
+                    if let Some(p) = &self.pcap {
+                        p.record(frame);
+                    }
+                    stack.handle_frame(now, frame);
+                }
+                while let Some(mac) = transport.take_departed() {
+                    let ended = stack.guest_left(now, mac);
+                    if ended > 0 {
+                        tracing::info!(mac = %mac_str(&mac), flows = ended, "a departed guest's flows ended");
                     }
                 }
-                _ = poll_fn(|cx| ready.poll_ready(cx)) => {}
-                _ = sleep.as_mut(), if armed.is_some() => armed = None,
-                req = poll_fn(|cx| match self.control.as_mut() {
-                    Some(rx) => rx.poll_recv(cx),
+            }
+            // Whatever woke us, the rare sources get their turn when they woke, so none
+            // starves under load.
+            if self.ready.take_side() {
+                if stop
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&side))
+                    .is_ready()
+                {
+                    return Ok(());
+                }
+                let mut handled = 0;
+                while let Poll::Ready(Some(ev)) =
+                    self.events_rx.poll_recv(&mut Context::from_waker(&side))
+                {
+                    self.handle_event(stack, ev);
+                    handled += 1;
+                    if handled == EVENT_BATCH {
+                        // More may wait: come back after the others had their turn.
+                        self.ready.push_side();
+                        break;
+                    }
+                }
+                let req = match self.control.as_mut() {
+                    Some(rx) => rx.poll_recv(&mut Context::from_waker(&side)),
                     None => Poll::Pending,
-                }), if self.control.is_some() => match req {
-                    Some((req, reply)) => {
+                };
+                match req {
+                    Poll::Ready(Some((req, reply))) => {
                         let r = self.control_request(stack, req, transport.guests()).await;
+                        self.clock_moved();
                         let _ = reply.send(r);
+                        self.ready.push_side();
                     }
-                    None => self.control = None,
-                },
-            }
-            // Whatever woke us, give every source its turn so none starves under load.
-            for _ in 0..EVENT_BATCH {
-                match self.events_rx.try_recv() {
-                    Ok(ev) => self.handle_event(stack, ev),
-                    Err(_) => break,
+                    Poll::Ready(None) => self.control = None,
+                    Poll::Pending => {}
                 }
-            }
-            if let Some(Ok((req, reply))) = self.control.as_mut().map(|rx| rx.try_recv()) {
-                let r = self.control_request(stack, req, transport.guests()).await;
-                let _ = reply.send(r);
             }
             self.service_ready(stack);
         }
@@ -591,8 +757,11 @@ impl<N: HostNet> Driver<N> {
         stack: &mut Stack,
         transport: &mut T,
     ) -> io::Result<()> {
+        // The commands that inputs call for are carried out before the core's egress
+        // pass: a guest's write reaches the host socket first (the latency of a
+        // request/response exchange), and one pass then sends whatever both produced.
+        stack.service();
         for _ in 0..8 {
-            stack.poll(self.now());
             let mut did = false;
             while let Some(cmd) = stack.poll_command() {
                 did = true;
@@ -607,6 +776,7 @@ impl<N: HostNet> Driver<N> {
             if self.service_ready_now(stack) {
                 did = true;
             }
+            stack.poll(self.now());
             while let Some(frame) = stack.peek_frame() {
                 // Only the queue this frame goes to holds the core back.
                 if transport.pending_for(frame) >= TX_HIGH_WATER {
@@ -618,7 +788,8 @@ impl<N: HostNet> Driver<N> {
                 transport.send_frame(frame)?;
                 stack.pop_frame();
             }
-            if !did {
+            // The pass itself may have called for host work (a timer closed a flow).
+            if !did && !stack.has_commands() {
                 break;
             }
         }
@@ -1652,6 +1823,90 @@ mod tests {
         );
         let a: SocketAddrV4 = "192.168.65.4:80".parse().unwrap();
         assert_eq!(resolve_remote(&s, Remote::Addr(a), None), Ok(a));
+    }
+
+    #[test]
+    fn poll_window_grows_while_waits_are_short_and_drops_after_a_long_one() {
+        let us = std::time::Duration::from_micros;
+        let mut p = Poller::new(us(100));
+        assert_eq!(p.window, us(0));
+        // Waits within the maximum but past the window: grow from the start, doubling.
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            p.adjust(us(99));
+            seen.push(p.window.as_micros());
+        }
+        assert_eq!(seen, [4, 8, 16, 32, 64, 100, 100]);
+        // A wait the window caught leaves it as it is (no growth beyond need).
+        let mut q = Poller::new(us(100));
+        for _ in 0..8 {
+            q.adjust(us(20));
+        }
+        assert_eq!(q.window, us(32));
+        // A wait the window caught changes nothing.
+        p.adjust(us(90));
+        assert_eq!(p.window, us(100));
+        // One wait beyond the maximum (the exchange paused): no polling until waits are
+        // short again.
+        p.adjust(us(101));
+        assert_eq!(p.window, us(0));
+        p.adjust(us(5));
+        assert_eq!(p.window, POLL_START);
+    }
+
+    /// A future that counts its polls and is never ready by itself.
+    struct Counted(std::rc::Rc<std::cell::Cell<u32>>);
+
+    impl Future for Counted {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            self.0.set(self.0.get() + 1);
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn polling_is_bounded_and_off_means_one_poll() {
+        let polls = std::rc::Rc::new(std::cell::Cell::new(0));
+        // Off: the future is awaited at once (polled, then only when woken: here by the
+        // timeout, which polls it once more before giving up).
+        let mut p = Poller::new(std::time::Duration::ZERO);
+        let fut = std::pin::pin!(Counted(polls.clone()));
+        let r = tokio::time::timeout(std::time::Duration::from_millis(50), p.wait(fut)).await;
+        assert!(r.is_err());
+        let off = polls.get();
+        assert!(off <= 2, "{off} polls");
+        // A window far longer than the spin bound: polling stops at the bound, then the
+        // loop blocks as usual.
+        polls.set(0);
+        let mut p = Poller::new(std::time::Duration::from_secs(30));
+        p.window = std::time::Duration::from_secs(30);
+        let fut = std::pin::pin!(Counted(polls.clone()));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(3), p.wait(fut)).await;
+        assert!(r.is_err());
+        assert_eq!(polls.get(), POLL_MAX_SPINS + off);
+    }
+
+    #[tokio::test]
+    async fn polling_hands_back_what_became_ready() {
+        // Ready on the third poll, waking nobody: only polling can see it.
+        let polls = std::rc::Rc::new(std::cell::Cell::new(0));
+        let counted = polls.clone();
+        let fut = std::pin::pin!(std::future::poll_fn(move |_| {
+            counted.set(counted.get() + 1);
+            if counted.get() >= 3 {
+                Poll::Ready(7)
+            } else {
+                Poll::Pending
+            }
+        }));
+        let mut p = Poller::new(std::time::Duration::from_secs(1));
+        p.window = std::time::Duration::from_secs(1);
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), p.wait(fut)).await;
+        assert_eq!(r.ok(), Some(7));
+        assert_eq!(polls.get(), 3);
+        // Caught within the window: it stays.
+        assert_eq!(p.window, std::time::Duration::from_secs(1));
     }
 
     /// Binds on this machine's loopback only.

@@ -133,6 +133,10 @@ async fn new_driver(
 ) -> Result<(Driver<TokioNet>, Option<RemoveOnDrop>), CliError> {
     let mut driver = Driver::new(TokioNet);
     driver.set_listen_backlog(net.listen_backlog);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus > 1 {
+        driver.set_poll_max(std::time::Duration::from_micros(net.poll_max_us));
+    }
     driver.set_proxy_settings(net.proxy_settings(), net.proxy_config.clone());
     if let Some(path) = &net.hosts {
         driver.set_hosts_file(path.clone());

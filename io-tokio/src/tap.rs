@@ -190,6 +190,47 @@ pub struct TapTransport {
     next: usize,
     dropped: u64,
     gone: bool,
+    mode: ReadMode,
+}
+
+/// How many frames to read per wake-up. In batch mode, reads go on until the device runs
+/// dry. When wake-ups bring one frame each (the guest is exchanging requests and
+/// responses), single mode reads one frame and hands it over before trying for more:
+/// the read that finds the queue empty (a TAP has no FIONREAD to ask) then happens after
+/// the frame's work, off the round trip's path. A second frame found waiting behind the
+/// first switches back to batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ReadMode {
+    single: bool,
+    /// The last read was a single-frame one that left readiness set: the next read shows
+    /// whether frames queue up behind each other.
+    probing: bool,
+}
+
+impl ReadMode {
+    fn limit(&self) -> usize {
+        if self.single {
+            1
+        } else {
+            RX_BATCH
+        }
+    }
+
+    /// After a read that got `frames` frames and then either hit the limit (`dry`
+    /// false) or found the device empty (`dry` true).
+    fn after(&mut self, frames: usize, dry: bool) {
+        let probe = std::mem::take(&mut self.probing);
+        if dry {
+            self.single = frames <= 1;
+        } else if self.single {
+            if probe {
+                // A frame was waiting right behind the last: batch again.
+                self.single = false;
+            } else {
+                self.probing = true;
+            }
+        }
+    }
 }
 
 impl TapTransport {
@@ -205,6 +246,7 @@ impl TapTransport {
             next: 0,
             dropped: 0,
             gone: false,
+            mode: ReadMode::default(),
         })
     }
 
@@ -221,9 +263,16 @@ impl TapTransport {
 
 /// Read frames until the device has no more, the batch is full or the buffer could not
 /// hold another maximal frame. Never waits.
-fn read_batch(fd: RawFd, buf: &mut [u8], frames: &mut Vec<(u32, u32)>) -> io::Result<()> {
+/// Read up to `max` frames into `buf`; `Ok` when `max` were read (more may wait),
+/// `WouldBlock` when the device ran dry (after however many frames).
+fn read_batch(
+    fd: RawFd,
+    buf: &mut [u8],
+    frames: &mut Vec<(u32, u32)>,
+    max: usize,
+) -> io::Result<()> {
     let mut off = 0usize;
-    while frames.len() < RX_BATCH && buf.len() - off >= MAX_TAP_FRAME {
+    while frames.len() < max && buf.len() - off >= MAX_TAP_FRAME {
         let dst = &mut buf[off..];
         // SAFETY: `dst` is a valid writable buffer of `dst.len()` bytes.
         let n = unsafe { libc::read(fd, dst.as_mut_ptr().cast(), dst.len()) };
@@ -278,10 +327,12 @@ impl FrameTransport for TapTransport {
             // Cancel-safe: `readable` is; the reads below happen without awaiting.
             let raw = self.fd.get_ref().as_raw_fd();
             let mut guard = self.fd.readable().await?;
-            let r = read_batch(raw, &mut self.buf, &mut self.frames);
+            let r = read_batch(raw, &mut self.buf, &mut self.frames, self.mode.limit());
+            let dry = matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            self.mode.after(self.frames.len(), dry);
             match r {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(_) if dry => guard.clear_ready(),
                 Err(e) if device_gone(&e) => {
                     tracing::warn!("tap device gone: {e}");
                     self.gone = true;
@@ -344,6 +395,29 @@ impl FrameTransport for TapTransport {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn one_frame_per_wake_up_is_read_singly_and_a_queue_brings_batches_back() {
+        let mut m = ReadMode::default();
+        assert_eq!(m.limit(), RX_BATCH);
+        // A batch that found one frame: single mode.
+        m.after(1, true);
+        assert_eq!(m.limit(), 1);
+        // One frame handed over with readiness left set; the probe that follows finds
+        // the device empty: still single.
+        m.after(1, false);
+        assert!(m.probing);
+        m.after(0, true);
+        assert_eq!((m.limit(), m.probing), (1, false));
+        // One frame, then the probe finds another waiting: batches again.
+        m.after(1, false);
+        m.after(1, false);
+        assert_eq!(m.limit(), RX_BATCH);
+        // A full batch keeps batching; a batch of several that ran dry too.
+        m.after(RX_BATCH, false);
+        m.after(5, true);
+        assert_eq!(m.limit(), RX_BATCH);
+    }
     use std::process::Command;
     use std::time::Duration;
 
