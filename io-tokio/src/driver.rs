@@ -133,6 +133,9 @@ enum Woke {
 pub struct Poller {
     max: std::time::Duration,
     window: std::time::Duration,
+    /// Waits that polling caught (no sleep), and waits that ended in a sleep.
+    caught: u64,
+    slept: u64,
 }
 
 /// The first window once waits turn short.
@@ -146,12 +149,25 @@ impl Poller {
         Poller {
             max,
             window: std::time::Duration::ZERO,
+            caught: 0,
+            slept: 0,
         }
+    }
+
+    /// For `/stats`.
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "max_us": self.max.as_micros() as u64,
+            "window_us": self.window.as_micros() as u64,
+            "caught": self.caught,
+            "slept": self.slept,
+        })
     }
 
     /// Wait for `fut`, polling it first for the current window.
     async fn wait<F: Future>(&mut self, mut fut: Pin<&mut F>) -> F::Output {
         if self.max.is_zero() {
+            self.slept += 1;
             return fut.await;
         }
         // The real clock: the window is about the CPU's time, and the simulation, whose
@@ -160,6 +176,7 @@ impl Poller {
         if !self.window.is_zero() {
             for _ in 0..POLL_MAX_SPINS {
                 if let Poll::Ready(v) = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+                    self.caught += 1;
                     self.adjust(start.elapsed());
                     return v;
                 }
@@ -171,6 +188,7 @@ impl Poller {
                 tokio::task::yield_now().await;
             }
         }
+        self.slept += 1;
         let v = fut.await;
         self.adjust(start.elapsed());
         v
@@ -1469,6 +1487,7 @@ impl<N: HostNet> Driver<N> {
                 "forward_accept_errors": d.forward_accept_errors,
                 "forward_udp_in": d.forward_udp_in,
                 "host_sockets": self.open_sockets(),
+                "poll": self.poller.json(),
             },
         })
     }
@@ -1885,6 +1904,7 @@ mod tests {
         let r = tokio::time::timeout(std::time::Duration::from_secs(3), p.wait(fut)).await;
         assert!(r.is_err());
         assert_eq!(polls.get(), POLL_MAX_SPINS + off);
+        assert_eq!((p.caught, p.slept), (0, 1));
     }
 
     #[tokio::test]
@@ -1905,6 +1925,7 @@ mod tests {
         let r = tokio::time::timeout(std::time::Duration::from_secs(5), p.wait(fut)).await;
         assert_eq!(r.ok(), Some(7));
         assert_eq!(polls.get(), 3);
+        assert_eq!((p.caught, p.slept), (1, 0));
         // Caught within the window: it stays.
         assert_eq!(p.window, std::time::Duration::from_secs(1));
     }

@@ -619,6 +619,12 @@ fn thousand_concurrent_forwarded_connections() {
     let v: serde_json::Value = serde_json::from_str(&ctl_ok(&api, &["stats"])).unwrap();
     assert_eq!(v["driver"]["forward_accepted"], N as u64 + 1);
     assert_eq!(v["driver"]["forward_limit_hits"], 0);
+    // Adaptive polling is on by default wherever there is more than one CPU, and every
+    // wait of the loop is counted one way or the other.
+    let poll = &v["driver"]["poll"];
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(poll["max_us"], if cpus > 1 { 100 } else { 0 }, "{poll}");
+    assert!(poll["caught"].as_u64().unwrap() + poll["slept"].as_u64().unwrap() > 0, "{poll}");
     tb.daemon.assert_alive();
 }
 
