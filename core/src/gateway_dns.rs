@@ -143,7 +143,7 @@ impl Stack {
             return id;
         }
         let id = self.new_flow_id();
-        let guest = SocketAddrV4::new(self.config.gateway, 53);
+        let guest = SocketAddr::V4(SocketAddrV4::new(self.config.gateway, 53));
         self.udp.insert(
             id,
             UdpFlow {
@@ -168,9 +168,9 @@ impl Stack {
     }
 
     /// A guest's UDP query to the gateway.
-    pub(super) fn dns_query_udp(&mut self, now: Instant, guest: SocketAddrV4, payload: &[u8]) {
+    pub(super) fn dns_query_udp(&mut self, now: Instant, guest: SocketAddr, payload: &[u8]) {
         if let Some(dns) = self.dns.as_mut() {
-            dns.handle_query(now, ClientToken::Udp(SocketAddr::V4(guest)), payload);
+            dns.handle_query(now, ClientToken::Udp(guest), payload);
         }
         self.drain_dns(now);
     }

@@ -8,7 +8,7 @@
 //! from the socket: a request body up to its end, or everything in a tunnel.
 
 use std::mem::discriminant;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -65,13 +65,13 @@ impl Stack {
     }
 
     /// Whether a new guest connection to `dst` is intercepted, and how.
-    pub(super) fn proxy_kind(&self, dst: SocketAddrV4) -> Option<ProxyKind> {
+    pub(super) fn proxy_kind(&self, dst: SocketAddr) -> Option<ProxyKind> {
         let p = self.proxy.as_ref()?;
-        if *dst.ip() == self.config.gateway {
+        if dst.ip() == IpAddr::V4(self.config.gateway) {
             return (p.explicit_port == Some(dst.port())).then_some(ProxyKind::Explicit);
         }
         // The host alias is the host itself: never through a proxy.
-        if Some(*dst.ip()) == self.config.host_alias {
+        if Some(dst.ip()) == self.config.host_alias.map(IpAddr::V4) {
             return None;
         }
         if p.http.is_some() && p.http_ports.contains(&dst.port()) {
@@ -288,10 +288,10 @@ impl Stack {
         let Some(dst) = self.tcp.get(&id).map(|f| f.key.dst) else {
             return;
         };
-        let ip = IpAddr::V4(*dst.ip());
+        let ip = dst.ip();
         let upstream = self.upstream_for(|c| c.https.as_ref(), name.as_deref(), Some(ip));
         let Some(up) = upstream else {
-            let to = SocketAddr::new(self.host_target(*dst.ip()), dst.port());
+            let to = SocketAddr::new(self.host_target(dst.ip()), dst.port());
             self.proxy_connect(id, to, After::Tunnel);
             return;
         };
@@ -332,7 +332,7 @@ impl Stack {
             .host
             .as_deref()
             .and_then(|h| split_authority(h, dst.port()));
-        let ip = IpAddr::V4(*dst.ip());
+        let ip = dst.ip();
         let upstream = self.upstream_for(
             |c| c.http.as_ref(),
             host.as_ref().map(|h| h.0.as_str()),
@@ -340,7 +340,7 @@ impl Stack {
         );
         let Some(up) = upstream else {
             // Direct: the head stays in the socket and goes as it came.
-            let to = SocketAddr::new(self.host_target(*dst.ip()), dst.port());
+            let to = SocketAddr::new(self.host_target(dst.ip()), dst.port());
             self.proxy_connect(id, to, After::Tunnel);
             return;
         };
@@ -428,11 +428,10 @@ impl Stack {
         after: After,
     ) {
         match ip {
-            Some(IpAddr::V4(v4)) => {
-                let to = SocketAddr::new(self.host_target(v4), port);
+            Some(ip) => {
+                let to = SocketAddr::new(self.host_target(ip), port);
                 self.proxy_connect_named(id, to, after);
             }
-            Some(ip) => self.proxy_connect_named(id, SocketAddr::new(ip, port), after),
             None => {
                 // A lookup holds a pending-connect slot: lookups in flight are bounded
                 // as connects are (each is a resolver call on the host).
@@ -866,10 +865,7 @@ impl Stack {
         });
         match addr {
             Some(ip) => {
-                let ip = match ip {
-                    IpAddr::V4(v4) => self.host_target(v4),
-                    ip => ip,
-                };
+                let ip = self.host_target(ip);
                 self.proxy_connect_named(id, SocketAddr::new(ip, port), after);
             }
             None => {

@@ -70,7 +70,8 @@ pub enum InboundError {
     FlowLimit,
     /// A flow with the same addresses and ports exists.
     Busy,
-    /// The guest address or port cannot be connected to (port 0, not unicast).
+    /// The guest address or port cannot be connected to (port 0, not unicast, or IPv6
+    /// until the IPv6 packet path exists).
     Unaddressable,
 }
 
@@ -159,9 +160,9 @@ pub struct Stack {
     all_dirty: bool,
 
     udp: BTreeMap<FlowId, UdpFlow>,
-    udp_by_guest: BTreeMap<SocketAddrV4, FlowId>,
+    udp_by_guest: BTreeMap<SocketAddr, FlowId>,
     /// Port-forward flows by (guest address, the client's address as the guest sees it).
-    udp_inbound: BTreeMap<(SocketAddrV4, SocketAddrV4), FlowId>,
+    udp_inbound: BTreeMap<(SocketAddr, SocketAddr), FlowId>,
     /// No UDP entry expires before this (a lower bound, refreshed when reached).
     udp_next_expiry: Option<Instant>,
 
@@ -470,11 +471,11 @@ impl Stack {
     }
 
     /// Where a destination the guest names is reached on the host.
-    fn host_target(&self, dst: Ipv4Addr) -> IpAddr {
-        if Some(dst) == self.config.host_alias {
+    fn host_target(&self, dst: IpAddr) -> IpAddr {
+        if self.config.host_alias.map(IpAddr::V4) == Some(dst) {
             self.config.host_loopback
         } else {
-            IpAddr::V4(dst)
+            dst
         }
     }
 
@@ -621,12 +622,10 @@ impl Stack {
     // ---------------------------------------------------------------- UDP
 
     fn handle_udp(&mut self, now: Instant, ip: &Ipv4<'_>, udp: &Udp<'_>) -> Result<(), DropReason> {
-        let guest = SocketAddrV4::new(ip.src, udp.src_port);
+        let guest = SocketAddr::V4(SocketAddrV4::new(ip.src, udp.src_port));
+        let to = SocketAddr::V4(SocketAddrV4::new(ip.dst, udp.dst_port));
         // A reply to a port forward's client goes back through the forward's socket.
-        if let Some(&flow) = self
-            .udp_inbound
-            .get(&(guest, SocketAddrV4::new(ip.dst, udp.dst_port)))
-        {
+        if let Some(&flow) = self.udp_inbound.get(&(guest, to)) {
             let entry = self.udp.get_mut(&flow).expect("indexed");
             entry.last_active = now;
             let client = entry.inbound.expect("an inbound flow").0;
@@ -641,7 +640,7 @@ impl Stack {
             // Nothing else listens on the gateway.
             return Err(DropReason::UnsupportedProtocol);
         } else {
-            SocketAddr::new(self.host_target(ip.dst), udp.dst_port)
+            SocketAddr::new(self.host_target(IpAddr::V4(ip.dst)), udp.dst_port)
         };
         let flow = match self.udp_by_guest.get(&guest) {
             Some(id) => *id,
@@ -691,15 +690,17 @@ impl Stack {
         &mut self,
         now: Instant,
         client: SocketAddr,
-        guest: SocketAddrV4,
+        guest: SocketAddr,
         payload: &[u8],
     ) -> Result<FlowId, InboundError> {
         self.last_now = now;
         let visible = self.inbound_source(client)?;
-        if guest.port() == 0 || !self.unicast_dst(*guest.ip()) {
-            return Err(InboundError::Unaddressable);
-        }
-        let flow = match self.udp_inbound.get(&(guest, visible)) {
+        // The packet path is IPv4-only: an IPv6 guest address cannot be reached (yet).
+        let guest_v4 = match guest {
+            SocketAddr::V4(g) if g.port() != 0 && self.unicast_dst(*g.ip()) => g,
+            _ => return Err(InboundError::Unaddressable),
+        };
+        let flow = match self.udp_inbound.get(&(guest, SocketAddr::V4(visible))) {
             Some(&id) => id,
             None => {
                 if self.udp.len() >= self.config.udp.max_flows {
@@ -710,10 +711,11 @@ impl Stack {
                     guest,
                     last_active: now,
                     dns_internal: false,
-                    inbound: Some((client, visible)),
+                    inbound: Some((client, SocketAddr::V4(visible))),
                 };
                 self.udp.insert(id, entry);
-                self.udp_inbound.insert((guest, visible), id);
+                self.udp_inbound
+                    .insert((guest, SocketAddr::V4(visible)), id);
                 self.stats.udp_flows_opened += 1;
                 let expiry = now + self.config.udp.idle_timeout;
                 self.udp_next_expiry = Some(self.udp_next_expiry.map_or(expiry, |e| e.min(expiry)));
@@ -721,7 +723,7 @@ impl Stack {
             }
         };
         self.udp.get_mut(&flow).expect("indexed").last_active = now;
-        self.send_udp_to_guest(visible, guest, payload);
+        self.send_udp_to_guest(visible, guest_v4, payload);
         Ok(flow)
     }
 
@@ -754,6 +756,12 @@ impl Stack {
         }
         let guest = entry.guest;
         let Some(src) = self.guest_visible(from) else {
+            self.stats.drop(DropReason::UnsupportedProtocol);
+            return;
+        };
+        // Flows are IPv4 until the IPv6 packet path exists: an IPv6 guest cannot arise
+        // yet, and is dropped like an IPv6 peer rather than emitted.
+        let SocketAddr::V4(guest) = guest else {
             self.stats.drop(DropReason::UnsupportedProtocol);
             return;
         };
@@ -858,9 +866,9 @@ impl Stack {
             return Ok(());
         }
         let key = PingKey {
-            guest: ip.src,
+            guest: IpAddr::V4(ip.src),
             ident: echo.ident,
-            dst: ip.dst,
+            dst: IpAddr::V4(ip.dst),
         };
         let flow = match self.ping_by_key.get(&key) {
             Some(id) => *id,
@@ -884,7 +892,7 @@ impl Stack {
             }
         };
         self.pings.get_mut(&flow).expect("indexed").last_active = now;
-        let dst = self.host_target(ip.dst);
+        let dst = self.host_target(IpAddr::V4(ip.dst));
         let range = self.arena_push(echo.data);
         self.commands
             .push_back(Cmd::PingSend(flow, dst, echo.seq, range));
@@ -900,6 +908,12 @@ impl Stack {
         };
         p.last_active = now;
         let key = p.key;
+        // Ping flows are IPv4 until the IPv6 packet path (ICMPv6) exists: an IPv6 key
+        // cannot arise yet, and is dropped rather than emitted.
+        let (IpAddr::V4(guest), IpAddr::V4(dst)) = (key.guest, key.dst) else {
+            self.stats.drop(DropReason::UnsupportedProtocol);
+            return;
+        };
         let len = wire::IPV4_HDR + wire::ICMP_HDR + payload.len();
         if len > usize::from(self.config.mtu) {
             self.stats.drop(DropReason::HostTooBig);
@@ -912,8 +926,8 @@ impl Stack {
             data: payload,
         };
         let ident = self.next_ident();
-        self.push_ip(key.guest, len, |b| {
-            wire::emit_icmp_echo(b, key.dst, key.guest, &reply, ident)
+        self.push_ip(guest, len, |b| {
+            wire::emit_icmp_echo(b, dst, guest, &reply, ident)
         });
         self.stats.icmp_echo_replies += 1;
     }
@@ -923,8 +937,8 @@ impl Stack {
     fn handle_tcp(&mut self, now: Instant, ip: &Ipv4<'_>) -> Result<(), DropReason> {
         let seg = TcpPorts::parse(ip)?;
         let key = TcpKey {
-            guest: SocketAddrV4::new(ip.src, seg.src_port),
-            dst: SocketAddrV4::new(ip.dst, seg.dst_port),
+            guest: SocketAddr::V4(SocketAddrV4::new(ip.src, seg.src_port)),
+            dst: SocketAddr::V4(SocketAddrV4::new(ip.dst, seg.dst_port)),
         };
         if let Some(&id) = self.tcp_by_key.get(&key) {
             let flow = self.tcp.get_mut(&id).expect("indexed");
@@ -988,21 +1002,27 @@ impl Stack {
             self.proxy_accept(now, id, kind);
             return Ok(());
         }
-        let dst = SocketAddr::new(self.host_target(ip.dst), seg.dst_port);
+        let dst = SocketAddr::new(self.host_target(IpAddr::V4(ip.dst)), seg.dst_port);
         self.commands.push_back(Cmd::TcpConnect(id, dst));
         Ok(())
     }
 
     fn send_rst(&mut self, key: TcpKey, seg: &TcpPorts) {
+        // Keys are IPv4 until the IPv6 packet path exists: an IPv6 key cannot arise yet,
+        // and gets no (IPv4) RST.
+        let (SocketAddr::V4(guest), SocketAddr::V4(dst)) = (key.guest, key.dst) else {
+            self.stats.drop(DropReason::UnsupportedProtocol);
+            return;
+        };
         let ident = self.next_ident();
         let len = wire::IPV4_HDR + wire::TCP_HDR;
-        self.push_ip(*key.guest.ip(), len, |b| {
+        self.push_ip(*guest.ip(), len, |b| {
             wire::emit_tcp_rst(
                 b,
-                *key.dst.ip(),
-                key.dst.port(),
-                *key.guest.ip(),
-                key.guest.port(),
+                *dst.ip(),
+                dst.port(),
+                *guest.ip(),
+                guest.port(),
                 seg,
                 ident,
             )
@@ -1030,19 +1050,25 @@ impl Stack {
     pub fn tcp_open_inbound(
         &mut self,
         now: Instant,
-        guest: SocketAddrV4,
+        guest: SocketAddr,
         client: SocketAddr,
     ) -> Result<FlowId, InboundError> {
         self.last_now = now;
         let remote = self.inbound_source(client)?;
-        if guest.port() == 0 || !self.unicast_dst(*guest.ip()) {
-            return Err(InboundError::Unaddressable);
-        }
+        // The packet path (and smoltcp here) is IPv4-only: an IPv6 guest address cannot
+        // be reached (yet).
+        let guest_v4 = match guest {
+            SocketAddr::V4(g) if g.port() != 0 && self.unicast_dst(*g.ip()) => g,
+            _ => return Err(InboundError::Unaddressable),
+        };
         if self.tcp.len() >= self.config.tcp.max_flows {
             self.stats.drop(DropReason::TcpFlowLimit);
             return Err(InboundError::FlowLimit);
         }
-        let key = TcpKey { guest, dst: remote };
+        let key = TcpKey {
+            guest,
+            dst: SocketAddr::V4(remote),
+        };
         if self.tcp_by_key.contains_key(&key) {
             return Err(InboundError::Busy);
         }
@@ -1060,7 +1086,11 @@ impl Stack {
             port: remote.port(),
         };
         socket
-            .connect(self.iface.context(), (*guest.ip(), guest.port()), local)
+            .connect(
+                self.iface.context(),
+                (*guest_v4.ip(), guest_v4.port()),
+                local,
+            )
             .map_err(|_| InboundError::Unaddressable)?;
         let handle = self.sockets.add(socket);
         let id = self.new_flow_id();
@@ -1137,11 +1167,19 @@ impl Stack {
         // whose guest vanished in FIN-WAIT-2, where nothing else is outstanding.
         socket.set_timeout(Some(TCP_GUEST_TIMEOUT));
         socket.set_keep_alive(Some(TCP_KEEP_ALIVE));
-        let listen = smoltcp::wire::IpListenEndpoint {
-            addr: Some((*key.dst.ip()).into()),
-            port: key.dst.port(),
+        // smoltcp runs IPv4 only, as the packet path does: an IPv6 key (which cannot arise
+        // yet) is refused as a failed listen is.
+        let listened = match key.dst {
+            SocketAddr::V4(dst) => {
+                let listen = smoltcp::wire::IpListenEndpoint {
+                    addr: Some((*dst.ip()).into()),
+                    port: dst.port(),
+                };
+                socket.listen(listen).is_ok()
+            }
+            SocketAddr::V6(_) => false,
         };
-        if socket.listen(listen).is_err() {
+        if !listened {
             self.stats.drop(DropReason::TcpRejected);
             self.close_tcp(flow, true);
             return;
@@ -1733,10 +1771,12 @@ impl Stack {
         if ips.is_empty() {
             return 0;
         }
+        // Neighbours are learnt by ARP: only IPv4 flows can match them.
+        let gone = |ip: IpAddr| matches!(ip, IpAddr::V4(v4) if ips.contains(&v4));
         let tcp: Vec<FlowId> = self
             .tcp
             .iter()
-            .filter(|(_, f)| ips.contains(f.key.guest.ip()))
+            .filter(|(_, f)| gone(f.key.guest.ip()))
             .map(|(id, _)| *id)
             .collect();
         for &id in &tcp {
@@ -1745,7 +1785,7 @@ impl Stack {
         let udp: Vec<FlowId> = self
             .udp
             .iter()
-            .filter(|(_, f)| !f.dns_internal && ips.contains(f.guest.ip()))
+            .filter(|(_, f)| !f.dns_internal && gone(f.guest.ip()))
             .map(|(id, _)| *id)
             .collect();
         for &id in &udp {
@@ -1754,7 +1794,7 @@ impl Stack {
         let pings: Vec<FlowId> = self
             .pings
             .iter()
-            .filter(|(_, f)| ips.contains(&f.key.guest))
+            .filter(|(_, f)| gone(f.key.guest))
             .map(|(id, _)| *id)
             .collect();
         for &id in &pings {
@@ -1770,16 +1810,20 @@ impl Stack {
     /// at, and protocol (the gateway's own DNS flows are not a guest's and are left out).
     pub fn flows_by_guest(&self) -> BTreeMap<[u8; 6], GuestFlows> {
         let mut m: BTreeMap<[u8; 6], GuestFlows> = BTreeMap::new();
-        let mut count = |ip: Ipv4Addr, f: fn(&mut GuestFlows)| {
+        let mut count = |ip: IpAddr, f: fn(&mut GuestFlows)| {
+            // Neighbours are learnt by ARP: only IPv4 guests are found.
+            let IpAddr::V4(ip) = ip else {
+                return;
+            };
             if let Some(mac) = self.neighbors.get(ip) {
                 f(m.entry(mac).or_default());
             }
         };
         for fl in self.tcp.values() {
-            count(*fl.key.guest.ip(), |g| g.tcp += 1);
+            count(fl.key.guest.ip(), |g| g.tcp += 1);
         }
         for fl in self.udp.values().filter(|f| !f.dns_internal) {
-            count(*fl.guest.ip(), |g| g.udp += 1);
+            count(fl.guest.ip(), |g| g.udp += 1);
         }
         for fl in self.pings.values() {
             count(fl.key.guest, |g| g.ping += 1);

@@ -1,7 +1,7 @@
 //! TCP flows: one smoltcp socket per guest connection, created only once the host side
 //! has connected, so the guest never sees a SYN-ACK for a destination that refused.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -9,11 +9,12 @@ use smoltcp::time::Instant;
 
 use crate::stack::FlowId;
 
-/// The 4-tuple as the guest sees it.
+/// The 4-tuple as the guest sees it. Family-neutral, so that IPv6 slots in; the
+/// packet path is IPv4-only today, so every key is IPv4 for now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct TcpKey {
-    pub guest: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub dst: SocketAddr,
 }
 
 #[derive(Debug)]
@@ -91,8 +92,8 @@ impl TcpFlow {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpFlowInfo {
     pub flow: FlowId,
-    pub guest: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub dst: SocketAddr,
     /// `"connecting"` or smoltcp's state name (`"ESTABLISHED"`, ...).
     pub state: String,
     pub to_host_queued: usize,

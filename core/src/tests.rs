@@ -993,7 +993,7 @@ fn inbound_connection_into_the_guest() {
     learn_guest(&mut s);
     let guest = SocketAddrV4::new(guest_ip(), 80);
     let flow = s
-        .tcp_open_inbound(t(0), guest, "127.0.0.1:45000".parse().unwrap())
+        .tcp_open_inbound(t(0), guest.into(), "127.0.0.1:45000".parse().unwrap())
         .unwrap();
     s.poll(t(0));
     let segs = tcp_segments(&drain_frames(&mut s));
@@ -1007,7 +1007,7 @@ fn inbound_connection_into_the_guest() {
         "nothing for the host before the guest accepts"
     );
     assert_eq!(
-        s.tcp_open_inbound(t(0), guest, "127.0.0.1:45000".parse().unwrap()),
+        s.tcp_open_inbound(t(0), guest.into(), "127.0.0.1:45000".parse().unwrap()),
         Err(crate::InboundError::Busy)
     );
     // The guest accepts.
@@ -1057,7 +1057,7 @@ fn inbound_refused_by_the_guest_resets_the_client() {
     // The guest's MAC is unknown: the gateway asks for it first.
     let guest = SocketAddrV4::new(guest_ip(), 81);
     let flow = s
-        .tcp_open_inbound(t(0), guest, "198.51.100.7:5555".parse().unwrap())
+        .tcp_open_inbound(t(0), guest.into(), "198.51.100.7:5555".parse().unwrap())
         .unwrap();
     s.poll(t(0));
     let frames = drain_frames(&mut s);
@@ -1095,7 +1095,7 @@ fn udp_forward_into_the_guest_and_back() {
     learn_guest(&mut s);
     let guest = SocketAddrV4::new(guest_ip(), 53);
     let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-    let flow = s.udp_inbound(t(0), client, guest, b"query").unwrap();
+    let flow = s.udp_inbound(t(0), client, guest.into(), b"query").unwrap();
     let frames = drain_frames(&mut s);
     let ip = Ipv4::parse(&frames[0][ETH_HDR..]).unwrap();
     let u = Udp::parse(&ip).unwrap();
@@ -1108,7 +1108,10 @@ fn udp_forward_into_the_guest_and_back() {
     );
     assert_eq!(u.payload, b"query");
     // The same client again: the same flow.
-    assert_eq!(s.udp_inbound(t(1), client, guest, b"again").unwrap(), flow);
+    assert_eq!(
+        s.udp_inbound(t(1), client, guest.into(), b"again").unwrap(),
+        flow
+    );
     drain_frames(&mut s);
     // The guest's reply goes to the client, not out through a new NAT entry.
     s.handle_frame(
@@ -1124,6 +1127,28 @@ fn udp_forward_into_the_guest_and_back() {
     s.poll(t(62_002));
     assert_eq!(drain_cmds(&mut s), vec![Cmd::UdpClose(flow)]);
     assert_eq!(s.udp_flow_count(), 0);
+}
+
+#[test]
+fn inbound_to_an_ipv6_guest_is_unaddressable() {
+    // Flow keys are family-neutral, but the packet path is IPv4-only: an IPv6 guest
+    // address is refused (never a panic) and leaves nothing behind.
+    let mut s = stack();
+    learn_guest(&mut s);
+    let guest: SocketAddr = "[fd00::3]:80".parse().unwrap();
+    let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    assert_eq!(
+        s.tcp_open_inbound(t(0), guest, client),
+        Err(crate::InboundError::Unaddressable)
+    );
+    assert_eq!(
+        s.udp_inbound(t(0), client, guest, b"x"),
+        Err(crate::InboundError::Unaddressable)
+    );
+    s.poll(t(0));
+    assert!(drain_frames(&mut s).is_empty());
+    assert!(drain_cmds(&mut s).is_empty());
+    assert!(s.is_idle());
 }
 
 fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
@@ -1344,7 +1369,7 @@ fn dns_over_tcp_from_the_guest_and_to_the_upstream() {
 fn frames_for_an_unknown_guest_wait_for_its_arp_reply() {
     let mut s = stack();
     let guest = SocketAddrV4::new(guest_ip(), 22);
-    s.tcp_open_inbound(t(0), guest, "127.0.0.1:40001".parse().unwrap())
+    s.tcp_open_inbound(t(0), guest.into(), "127.0.0.1:40001".parse().unwrap())
         .unwrap();
     s.poll(t(0));
     let frames = drain_frames(&mut s);

@@ -1690,21 +1690,22 @@ fn guests_json(stack: &Stack, guests: &[GuestInfo]) -> serde_json::Value {
     )
 }
 
-/// The guest address a forward's connection or datagram goes to now.
+/// The guest address a forward's connection or datagram goes to now (family-neutral,
+/// as the core's flow keys are; forwards and leases are IPv4 today).
 fn resolve_remote(
     stack: &Stack,
     remote: Remote,
     default_guest: Option<std::net::Ipv4Addr>,
-) -> Result<SocketAddrV4, String> {
+) -> Result<SocketAddr, String> {
     let port = match remote {
-        Remote::Addr(a) => return Ok(a),
+        Remote::Addr(a) => return Ok(SocketAddr::V4(a)),
         Remote::Leased(p) => p,
     };
     let mut leases = stack.leases();
     match (leases.next(), leases.next()) {
-        (Some((_, ip)), None) => Ok(SocketAddrV4::new(ip, port)),
+        (Some((_, ip)), None) => Ok(SocketAddr::V4(SocketAddrV4::new(ip, port))),
         (None, _) => match default_guest {
-            Some(ip) => Ok(SocketAddrV4::new(ip, port)),
+            Some(ip) => Ok(SocketAddr::V4(SocketAddrV4::new(ip, port))),
             None => Err("no guest holds a DHCP lease (name the guest: ADDR:PORT)".into()),
         },
         (Some((_, a)), Some((_, b))) => {
@@ -1768,13 +1769,13 @@ mod tests {
     fn remotes_resolve_to_an_address_or_a_reason() {
         let s = stack();
         let a: SocketAddrV4 = "192.168.65.9:80".parse().unwrap();
-        assert_eq!(resolve_remote(&s, Remote::Addr(a), None), Ok(a));
+        assert_eq!(resolve_remote(&s, Remote::Addr(a), None), Ok(a.into()));
         let e = resolve_remote(&s, Remote::Leased(80), None).unwrap_err();
         assert!(e.contains("no guest holds a DHCP lease"), "{e}");
         let g = "192.168.65.3".parse().unwrap();
         assert_eq!(
             resolve_remote(&s, Remote::Leased(80), Some(g)),
-            Ok(SocketAddrV4::new(g, 80))
+            Ok(SocketAddrV4::new(g, 80).into())
         );
     }
 
@@ -1841,7 +1842,7 @@ mod tests {
             "2 guests hold DHCP leases (192.168.65.3, 192.168.65.4): name one as ADDR:80"
         );
         let a: SocketAddrV4 = "192.168.65.4:80".parse().unwrap();
-        assert_eq!(resolve_remote(&s, Remote::Addr(a), None), Ok(a));
+        assert_eq!(resolve_remote(&s, Remote::Addr(a), None), Ok(a.into()));
     }
 
     #[test]
