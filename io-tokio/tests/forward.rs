@@ -624,7 +624,10 @@ fn thousand_concurrent_forwarded_connections() {
     let poll = &v["driver"]["poll"];
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(poll["max_us"], if cpus > 1 { 100 } else { 0 }, "{poll}");
-    assert!(poll["caught"].as_u64().unwrap() + poll["slept"].as_u64().unwrap() > 0, "{poll}");
+    assert!(
+        poll["caught"].as_u64().unwrap() + poll["slept"].as_u64().unwrap() > 0,
+        "{poll}"
+    );
     tb.daemon.assert_alive();
 }
 
