@@ -1931,6 +1931,56 @@ mod tests {
         assert_eq!(p.window, std::time::Duration::from_secs(1));
     }
 
+    /// A guest link on which nothing ever arrives.
+    struct Silent;
+
+    impl FrameTransport for Silent {
+        async fn recv(&mut self) -> io::Result<bool> {
+            std::future::pending().await
+        }
+        fn next_frame(&mut self) -> Option<&[u8]> {
+            None
+        }
+        fn send_frame(&mut self, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+        fn pending(&self) -> usize {
+            0
+        }
+        async fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The loop polls its stop future only when it woke; a later `run` brings a new stop
+    /// future that must be polled at once. (The simulator found this: it runs the loop
+    /// again after each of its events, and every scenario hung.)
+    #[tokio::test]
+    async fn each_run_honours_its_own_stop_future() {
+        let mut d = Driver::new(TokioNet);
+        d.set_poll_max(std::time::Duration::from_micros(100));
+        let mut s = stack();
+        let within = std::time::Duration::from_secs(5);
+        for _ in 0..3 {
+            let stop = tokio::time::sleep(std::time::Duration::from_millis(10));
+            let r = tokio::time::timeout(within, d.run(&mut s, &mut Silent, stop)).await;
+            assert!(matches!(r, Ok(Ok(()))), "run did not stop");
+        }
+        // A stop that completes from another task, and one that is ready at once.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let _ = tx.send(());
+        });
+        let stop = async {
+            let _ = rx.await;
+        };
+        let r = tokio::time::timeout(within, d.run(&mut s, &mut Silent, stop)).await;
+        assert!(matches!(r, Ok(Ok(()))));
+        let r = tokio::time::timeout(within, d.run(&mut s, &mut Silent, async {})).await;
+        assert!(matches!(r, Ok(Ok(()))));
+    }
+
     /// Binds on this machine's loopback only.
     #[tokio::test]
     async fn expose_binds_now_and_reports_why_not() {
