@@ -196,8 +196,9 @@ fn new_stack(config: Config, seed: u64, driver: &Driver<TokioNet>) -> Result<Sta
 
 /// Resolves on SIGINT or SIGTERM.
 async fn terminated() {
-    // The driver polls its stop future on every turn of its loop: waiting for the signals
-    // in a task of their own and handing over a oneshot keeps that poll to one atomic load.
+    // The signals are awaited in a task of their own and handed over by a oneshot: the
+    // driver polls its stop future only when that future's waker fired, and one atomic
+    // load is all such a poll costs.
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
