@@ -15,6 +15,8 @@ pub mod ping;
 pub mod proxy;
 pub mod stream;
 pub mod tap;
+#[doc(hidden)]
+pub mod testutil;
 pub mod transport;
 pub mod unixgram;
 pub mod vmnet;

@@ -741,55 +741,11 @@ fn dhcp_lease_with_busybox_udhcpc() {
         configure_guest: false,
         ..Opts::default()
     });
-    let dir = PathBuf::from(format!("/tmp/{}", unique("usernet-e2e-dhcp")));
-    std::fs::create_dir_all(&dir).unwrap();
-    let script = dir.join("script");
-    let envf = dir.join("env");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$1 ip=$ip mask=$mask subnet=$subnet router=$router mtu=$mtu \
-             dns=$dns serverid=$serverid lease=$lease\" >> {}\n",
-            envf.display()
-        ),
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let o = run_cmd(
-        tb.guest.cmd("busybox").args([
-            "udhcpc",
-            "-i",
-            TAP,
-            "-n",
-            "-q",
-            "-f",
-            "-t",
-            "5",
-            "-T",
-            "1",
-            "-O",
-            "mtu",
-            "-s",
-            script.to_str().unwrap(),
-        ]),
-        SHORT,
-    );
-    let env = std::fs::read_to_string(&envf).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        o.status.success(),
-        "udhcpc: {}\n{}\n{}\nscript saw: {env}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+    let env = udhcpc(&tb.guest, "");
     let bound = env
         .lines()
         .find(|l| l.starts_with("bound "))
-        .unwrap_or_else(|| panic!("no bound event: {env:?}\n{}", text(&o.stderr)));
+        .unwrap_or_else(|| panic!("no bound event: {env:?}"));
     for want in [
         "ip=192.168.65.3 ",
         "router=192.168.65.1 ",

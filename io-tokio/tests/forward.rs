@@ -181,36 +181,7 @@ fn connect_and_wait_end(host: &Netns, port: u16) -> (std::io::Result<usize>, Dur
 /// Run busybox udhcpc in the guest (the daemon then holds a lease), then configure the
 /// address it was given (.3) by hand.
 fn dhcp_in_guest(tb: &Testbed) {
-    let script = PathBuf::from(format!("/tmp/{}", unique("usernet-fwd-udhcpc")));
-    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let o = run_cmd(
-        tb.guest.cmd("busybox").args([
-            "udhcpc",
-            "-i",
-            TAP,
-            "-n",
-            "-q",
-            "-f",
-            "-t",
-            "5",
-            "-T",
-            "1",
-            "-s",
-            script.to_str().unwrap(),
-        ]),
-        SHORT,
-    );
-    let _ = std::fs::remove_file(&script);
-    assert!(
-        o.status.success(),
-        "udhcpc: {}\n{}",
-        o.status,
-        text(&o.stderr)
-    );
+    udhcpc(&tb.guest, "");
     tb.guest.ip(&["addr", "add", "192.168.65.3/24", "dev", TAP]);
     tb.guest
         .ip(&["route", "add", "default", "via", "192.168.65.1"]);

@@ -84,61 +84,10 @@ fn start_daemon(host: &Netns, sock: &Path) -> Daemon {
     d
 }
 
-/// busybox udhcpc in the guest, with a script that configures what it was given. Returns
-/// the script's record of the lease.
-fn udhcpc(guest: &Netns, dir: &Path) -> String {
-    let script = dir.join("udhcpc.sh");
-    let envf = dir.join("lease");
-    let _ = std::fs::remove_file(&envf);
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n\
-             case \"$1\" in\n\
-             bound|renew)\n\
-             ip addr flush dev \"$interface\"\n\
-             ip addr add \"$ip/$mask\" dev \"$interface\"\n\
-             ip route replace default via \"$router\" dev \"$interface\"\n\
-             echo \"$1 ip=$ip mask=$mask router=$router dns=$dns mtu=$mtu\" >> {}\n\
-             ;;\n\
-             esac\n",
-            envf.display()
-        ),
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let o = run_cmd(
-        guest.cmd("busybox").args([
-            "udhcpc",
-            "-i",
-            TAP,
-            "-n",
-            "-q",
-            "-f",
-            "-t",
-            "5",
-            "-T",
-            "1",
-            "-O",
-            "mtu",
-            "-s",
-            script.to_str().unwrap(),
-        ]),
-        SHORT,
-    );
-    let lease = std::fs::read_to_string(&envf).unwrap_or_default();
-    assert!(
-        o.status.success(),
-        "udhcpc: {}\n{}\n{}\nscript saw: {lease}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    lease
-}
+/// Shell lines for [`udhcpc`]'s script: configure what it was given.
+const CONFIGURE: &str = "ip addr flush dev \"$interface\"\n\
+                         ip addr add \"$ip/$mask\" dev \"$interface\"\n\
+                         ip route replace default via \"$router\" dev \"$interface\"";
 
 /// A TCP round trip from the guest to a server on the host namespace's loopback.
 fn tcp_round_trip(host: &Netns, guest: &Netns, msg: &'static [u8]) {
@@ -267,7 +216,7 @@ fn guest_helper_gives_a_namespace_dhcp_tcp_udp_dns_and_survives_a_daemon_restart
         &daemon.log,
     );
 
-    let lease = udhcpc(&guest, &dir.0);
+    let lease = udhcpc(&guest, CONFIGURE);
     let bound = lease
         .lines()
         .find(|l| l.starts_with("bound "))
@@ -314,7 +263,7 @@ fn guest_helper_gives_a_namespace_dhcp_tcp_udp_dns_and_survives_a_daemon_restart
     udp_round_trip(&host, &guest);
     dns_lookup(&guest);
     // The new daemon leases again (the same first address).
-    let lease = udhcpc(&guest, &dir.0);
+    let lease = udhcpc(&guest, CONFIGURE);
     assert!(lease.contains("bound ip=192.168.65.3 "), "{lease}");
     daemon.assert_alive();
 

@@ -260,21 +260,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(host: &Netns, args: &[String]) -> Daemon {
-        raise_nofile();
-        let log = PathBuf::from(format!("/tmp/{}.log", unique("usernet-e2e")));
-        let f = File::create(&log).unwrap();
-        let mut c = host.cmd(USERNET);
-        c.args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f);
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {c:?}: {e}"));
-        Daemon {
-            child: Some(child),
-            log,
-        }
+        Daemon::spawn_prog(host, USERNET, args)
     }
 
     pub fn log_text(&self) -> String {
@@ -672,7 +658,7 @@ pub fn assert_all_echoed(
 }
 
 impl Daemon {
-    /// [`Daemon::spawn`] of another program (a symlink to usernet named `vpnkit`, say).
+    /// [`Daemon::spawn`] of any program (usernet, or a symlink to it named `vpnkit`).
     pub fn spawn_prog(host: &Netns, prog: &str, args: &[String]) -> Daemon {
         raise_nofile();
         let log = PathBuf::from(format!("/tmp/{}.log", unique("usernet-e2e")));
@@ -722,4 +708,62 @@ pub fn wait_stats(
         assert!(Instant::now() < deadline, "{what}: {v}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Run busybox udhcpc once in `guest` on the TAP. Its script records every event as
+/// `EVENT ip=.. mask=.. subnet=.. router=.. mtu=.. dns=.. serverid=.. lease=..` and runs
+/// the shell lines `on_bound` on `bound` and `renew` (say, to configure the address).
+/// Asserts that udhcpc got a lease; returns the record.
+#[allow(dead_code)]
+pub fn udhcpc(guest: &Netns, on_bound: &str) -> String {
+    let dir = PathBuf::from(format!("/tmp/{}", unique("usernet-udhcpc")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("script");
+    let envf = dir.join("env");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             echo \"$1 ip=$ip mask=$mask subnet=$subnet router=$router mtu=$mtu dns=$dns \
+             serverid=$serverid lease=$lease\" >> {}\n\
+             case \"$1\" in\n\
+             bound|renew)\n{on_bound}\n;;\n\
+             esac\n",
+            envf.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let o = run_cmd(
+        guest.cmd("busybox").args([
+            "udhcpc",
+            "-i",
+            TAP,
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "5",
+            "-T",
+            "1",
+            "-O",
+            "mtu",
+            "-s",
+            script.to_str().unwrap(),
+        ]),
+        Duration::from_secs(20),
+    );
+    let record = std::fs::read_to_string(&envf).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        o.status.success(),
+        "udhcpc: {}\n{}\n{}\nscript saw: {record}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    record
 }
