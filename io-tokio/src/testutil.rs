@@ -33,19 +33,12 @@ pub fn dhcp_frame(mac: [u8; 6], xid: u32, request: Option<Ipv4Addr>) -> Vec<u8> 
     ip[8] = 64;
     ip[9] = 17;
     ip[16..20].copy_from_slice(&[255; 4]);
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&68u16.to_be_bytes());
     f.extend_from_slice(&67u16.to_be_bytes());
     f.extend_from_slice(&(udp_len as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0]);
     f.extend_from_slice(&m);
+    crate::vmnet::fill_ipv4_checksum(&mut f);
     f
 }
