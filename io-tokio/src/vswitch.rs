@@ -605,11 +605,16 @@ mod tests {
         .await
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_guest_that_reads_nothing_holds_only_its_own_frames_then_nobody() {
+    /// A switch with two u16le guests, A (`..:0a`) and B (`..:0b`), both learnt: each sent
+    /// the gateway one frame, which `to_gw` holds. The sender stays open for the ports.
+    async fn two_guests() -> (
+        mpsc::Sender<NewPort>,
+        VirtualSwitch,
+        UnixStream,
+        UnixStream,
+        Vec<Vec<u8>>,
+    ) {
         let (tx, mut sw) = VirtualSwitch::channel(SwitchConfig::new(GW));
-        let a_mac = [2, 0, 0, 0, 0, 0xa];
-        let b_mac = [2, 0, 0, 0, 0, 0xb];
         let (a_sw, mut a) = UnixStream::pair().unwrap();
         let (b_sw, mut b) = UnixStream::pair().unwrap();
         for s in [a_sw, b_sw] {
@@ -622,11 +627,21 @@ mod tests {
             .unwrap();
         }
         let mut to_gw = Vec::new();
-        a.write_all(&u16le(&frame(GW, a_mac, 1))).await.unwrap();
-        b.write_all(&u16le(&frame(GW, b_mac, 1))).await.unwrap();
+        a.write_all(&u16le(&frame(GW, A_MAC, 1))).await.unwrap();
+        b.write_all(&u16le(&frame(GW, B_MAC, 1))).await.unwrap();
         while to_gw.len() < 2 {
             turn(&mut sw, &mut to_gw).await;
         }
+        (tx, sw, a, b, to_gw)
+    }
+
+    const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_reads_nothing_holds_only_its_own_frames_then_nobody() {
+        let (_tx, mut sw, mut a, mut b, mut to_gw) = two_guests().await;
+        let (a_mac, b_mac) = (A_MAC, B_MAC);
         // A never reads: the stack's frames for A pile up in A's queue only.
         let mut fa = frame(a_mac, GW, 2);
         fa.resize(1500, 2);
@@ -678,26 +693,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_guest_sending_faster_than_another_reads_is_held_back_not_dropped() {
-        let (tx, mut sw) = VirtualSwitch::channel(SwitchConfig::new(GW));
-        let a_mac = [2, 0, 0, 0, 0, 0xa];
-        let b_mac = [2, 0, 0, 0, 0, 0xb];
-        let (a_sw, mut a) = UnixStream::pair().unwrap();
-        let (b_sw, mut b) = UnixStream::pair().unwrap();
-        for s in [a_sw, b_sw] {
-            tx.send(NewPort {
-                port: Box::new(FramedPort::new(s, Framing::U16Le)),
-                label: "x".into(),
-                preferred: None,
-            })
-            .await
-            .unwrap();
-        }
-        let mut to_gw = Vec::new();
-        a.write_all(&u16le(&frame(GW, a_mac, 1))).await.unwrap();
-        b.write_all(&u16le(&frame(GW, b_mac, 1))).await.unwrap();
-        while to_gw.len() < 2 {
-            turn(&mut sw, &mut to_gw).await;
-        }
+        let (_tx, mut sw, mut a, mut b, mut to_gw) = two_guests().await;
+        let (a_mac, b_mac) = (A_MAC, B_MAC);
         // 2000 numbered frames (3 MB, three times the receiver's cap) from A to B.
         const N: u32 = 2000;
         let writer = tokio::spawn(async move {
